@@ -1,0 +1,103 @@
+"""The `omni-grpc` command: `omni-grpc serve ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from omni_grpc.config import EngineConfig, Limits, ServerConfig
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the server and the offline example."""
+    g = parser.add_argument_group("model and adapters")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local diffusers pipeline folder or hub id (default: the embedded small SD3 model, random weights)",
+    )
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument(
+        "--lora-path",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="adapter to pre-load and pin at start (repeatable); its id is derived from the path",
+    )
+    g.add_argument(
+        "--max-loaded-adapters",
+        type=int,
+        default=16,
+        help="adapters kept loaded; the least recently used unpinned, unused one is evicted (0: no bound)",
+    )
+    g.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
+    lim = parser.add_argument_group("request limits")
+    defaults = Limits()
+    lim.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    lim.add_argument("--max-side", type=int, default=defaults.max_side, help="largest height or width")
+    lim.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest height x width")
+    lim.add_argument("--max-images", type=int, default=defaults.max_images, help="most images per request")
+    lim.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
+
+
+def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = False) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        lora_paths=list(args.lora_path),
+        max_loaded_adapters=args.max_loaded_adapters,
+        cache_dir=args.cache_dir,
+        progress_bar=progress_bar,
+        limits=Limits(
+            max_steps=args.max_steps,
+            max_side=args.max_side,
+            max_pixels=args.max_pixels,
+            max_images=args.max_images,
+            max_prompt_chars=args.max_prompt_chars,
+        ),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni-grpc", description="gRPC text-to-image server with many LoRA adapters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    add_engine_flags(serve)
+    net = serve.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
+    net.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and log it)")
+    net.add_argument("--grace-period", type=float, default=30.0, help="seconds running requests get on shutdown")
+    net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Libraries are chatty at INFO; operators want one line per request from us.
+    for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "serve":
+        from omni_grpc.server import serve
+
+        config = ServerConfig(
+            engine=engine_config_from_args(args),
+            host=args.host,
+            port=args.port,
+            grace_period=args.grace_period,
+        )
+        return asyncio.run(serve(config))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

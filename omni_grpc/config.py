@@ -1,0 +1,48 @@
+"""Configuration objects, filled from CLI flags or by Python callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Limits:
+    """Bounds on one request; anything beyond is INVALID_ARGUMENT naming the limit."""
+
+    max_steps: int = 1000
+    max_side: int = 4096
+    max_pixels: int = 2048 * 2048
+    max_images: int = 8
+    max_prompt_chars: int = 10_000
+    max_lora_scale: float = 10.0
+    max_guidance_scale: float = 100.0
+
+
+@dataclass
+class EngineConfig:
+    # A local diffusers folder or a hub id; None: the embedded small default model.
+    model: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    # Pre-loaded, pinned adapters: "PATH" or "NAME=PATH".
+    lora_paths: list[str] = field(default_factory=list)
+    # Bound on adapters in the table (0: unbounded); the LRU unpinned, unused one is evicted.
+    max_loaded_adapters: int = 16
+    limits: Limits = field(default_factory=Limits)
+    cache_dir: Path | None = None
+    # Show diffusers' progress bar (offline use); the server keeps it off.
+    progress_bar: bool = False
+
+
+@dataclass
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Seconds running requests get to finish after SIGTERM/SIGINT.
+    grace_period: float = 30.0
+    # Largest gRPC message, both ways (images of a big batch can exceed gRPC's 4 MiB default).
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Threads that wait on the engine for in-flight requests.
+    max_concurrent_requests: int = 64

@@ -1,0 +1,110 @@
+"""Conversions between protobuf messages and the engine's plain types. Nothing else."""
+
+from __future__ import annotations
+
+from omni_grpc.engine.types import (
+    AdapterFormat,
+    AdapterInfo,
+    GenerateRequest,
+    GenerateResult,
+    LoraRequest,
+    OutputFormat,
+    SamplingParams,
+)
+from omni_grpc.errors import InvalidArgument
+from omni_grpc.v1 import omni_pb2 as pb
+
+_OUTPUT_FORMATS = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.PNG,
+    pb.OUTPUT_FORMAT_PNG: OutputFormat.PNG,
+    pb.OUTPUT_FORMAT_JPEG: OutputFormat.JPEG,
+    pb.OUTPUT_FORMAT_WEBP: OutputFormat.WEBP,
+}
+_ADAPTER_FORMATS = {AdapterFormat.PEFT: pb.ADAPTER_FORMAT_PEFT, AdapterFormat.DIFFUSERS: pb.ADAPTER_FORMAT_DIFFUSERS}
+
+
+def _optional(message: object, name: str) -> object | None:
+    return getattr(message, name) if message.HasField(name) else None  # type: ignore[attr-defined]
+
+
+def generate_request_from_pb(request: pb.GenerateRequest) -> GenerateRequest:
+    if request.output_format not in _OUTPUT_FORMATS:
+        raise InvalidArgument(
+            f"output_format {request.output_format} is not a known OutputFormat", field="output_format"
+        )
+    sp = request.sampling_params
+    sampling = SamplingParams(
+        height=_optional(sp, "height"),
+        width=_optional(sp, "width"),
+        num_inference_steps=_optional(sp, "num_inference_steps"),
+        guidance_scale=_optional(sp, "guidance_scale"),
+        seed=_optional(sp, "seed"),
+        num_images=sp.num_images if sp.HasField("num_images") else 1,
+    )
+    lora = None
+    if request.HasField("lora_request"):
+        lr = request.lora_request
+        lora = LoraRequest(
+            path=lr.path or None,
+            name=lr.name or None,
+            id=_optional(lr, "id"),
+            scale=lr.scale if lr.HasField("scale") else 1.0,
+        )
+    return GenerateRequest(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        sampling=sampling,
+        lora=lora,
+        output_format=_OUTPUT_FORMATS[request.output_format],
+    )
+
+
+def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        images=[
+            pb.Image(
+                data=img.data or b"", mime_type=img.mime_type or "", width=img.width, height=img.height, seed=img.seed
+            )
+            for img in result.images
+        ],
+        timings=pb.Timings(
+            queue_ms=result.timings.queue_ms,
+            adapter_ms=result.timings.adapter_ms,
+            inference_ms=result.timings.inference_ms,
+            encode_ms=result.timings.encode_ms,
+            total_ms=result.timings.total_ms,
+        ),
+        num_inference_steps=result.num_inference_steps,
+        guidance_scale=result.guidance_scale,
+    )
+    if result.adapter is not None:
+        a = result.adapter
+        response.adapter.CopyFrom(pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale))
+    return response
+
+
+def adapter_to_pb(info: AdapterInfo) -> pb.Adapter:
+    return pb.Adapter(
+        id=info.id,
+        name=info.name,
+        path=info.path,
+        rank=info.rank,
+        alpha=info.alpha,
+        target_modules=info.target_modules,
+        pinned=info.pinned,
+        size_bytes=info.size_bytes,
+        load_time_ms=info.load_time_ms,
+        use_count=info.use_count,
+        in_use=info.in_use,
+        loads=info.loads,
+        format=_ADAPTER_FORMATS[info.format],
+        num_layers=info.num_layers,
+    )
+
+
+def unload_selector_from_pb(request: pb.UnloadAdapterRequest) -> dict[str, object]:
+    which = request.WhichOneof("adapter")
+    if which is None:
+        raise InvalidArgument("UnloadAdapterRequest needs one of id, name or path", field="adapter")
+    key = {"id": "adapter_id", "name": "name", "path": "path"}[which]
+    return {key: getattr(request, which)}

@@ -1,0 +1,381 @@
+"""The adapter table: ids, names, paths, pins, use counts and the LRU bound.
+
+Every state change happens under one lock. The table never touches the model: reading and attaching
+an adapter, and detaching it, are done by an `AdapterBackend` (the engine's, which runs them on the
+worker that owns the pipeline), always outside the lock so slow loads never block lookups.
+
+A request holds its adapter (`in_use`) from admission to its last denoising step: eviction skips held
+adapters, and unloading a held adapter removes it from the table at once but detaches it only when the
+last holder releases it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from omni_grpc.engine.types import AdapterFormat, AdapterInfo, LoraRequest
+from omni_grpc.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+MAX_ADAPTER_ID = (1 << 63) - 1
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def normalize_path(path: str) -> str:
+    """The canonical form of an adapter path: absolute, symlinks resolved, no trailing slash."""
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def derive_adapter_id(path: str) -> int:
+    """The stable id of an adapter: 63 bits of sha256 over its normalised path, never 0.
+
+    The one place ids are derived; `./a`, `a/` and `/abs/a` give the same id.
+    """
+    digest = hashlib.sha256(normalize_path(path).encode("utf-8")).digest()
+    return (int.from_bytes(digest[:8], "big") & MAX_ADAPTER_ID) or 1
+
+
+def parse_lora_spec(spec: str) -> tuple[str | None, str]:
+    """`--lora-path` values: "NAME=PATH" or "PATH" (a path may itself contain '=')."""
+    name, sep, path = spec.partition("=")
+    if sep and NAME_PATTERN.match(name) and path:
+        return name, path
+    return None, spec
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """What the backend reports about an adapter it read and attached."""
+
+    format: AdapterFormat
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    num_layers: int
+
+
+class AdapterBackend(Protocol):
+    def load(self, path: str, internal_name: str) -> LoadedAdapter:
+        """Read, validate and attach the adapter; raise an OmniError on failure."""
+
+    def unload(self, internal_name: str) -> None:
+        """Detach the adapter and free its memory."""
+
+
+@dataclass
+class AdapterEntry:
+    id: int
+    name: str
+    path: str
+    # Unique per load, so a re-load after an unload never collides with a layer being retired.
+    internal_name: str
+    loaded: LoadedAdapter
+    pinned: bool
+    load_time_ms: float
+    use_count: int = 0
+    in_use: int = 0
+    loads: int = 1
+    retired: bool = False
+
+    def info(self) -> AdapterInfo:
+        return AdapterInfo(
+            id=self.id,
+            name=self.name,
+            path=self.path,
+            format=self.loaded.format,
+            rank=self.loaded.rank,
+            alpha=self.loaded.alpha,
+            target_modules=list(self.loaded.target_modules),
+            pinned=self.pinned,
+            size_bytes=self.loaded.size_bytes,
+            load_time_ms=self.load_time_ms,
+            use_count=self.use_count,
+            in_use=self.in_use,
+            loads=self.loads,
+            num_layers=self.loaded.num_layers,
+        )
+
+
+@dataclass
+class _Pending:
+    id: int
+    name: str
+    explicit_name: bool
+    done: Future[AdapterEntry] = field(default_factory=Future)
+
+
+class AdapterLease:
+    """One request's hold on an adapter; release exactly once."""
+
+    def __init__(self, table: AdapterTable, entry: AdapterEntry, scale: float) -> None:
+        self.entry = entry
+        self.scale = scale
+        self._table = table
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._table._release(self.entry)  # noqa: SLF001 - the lease is the table's own handle
+
+
+class AdapterTable:
+    def __init__(self, backend: AdapterBackend, max_loaded: int = 0) -> None:
+        self._backend = backend
+        self.max_loaded = max_loaded  # 0: unbounded
+        self._lock = threading.Lock()
+        self._by_id: OrderedDict[int, AdapterEntry] = OrderedDict()  # LRU order: least recent first
+        self._by_name: dict[str, AdapterEntry] = {}
+        self._by_path: dict[str, AdapterEntry] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._loads_by_path: dict[str, int] = {}
+        self._counter = 0
+
+    # ---- public operations -------------------------------------------------------------------
+
+    def load(
+        self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
+    ) -> tuple[AdapterInfo, bool]:
+        """Load (or find) the adapter at `path`. Returns its info and whether this call read it."""
+        entry, newly = self._load(path, name, adapter_id, pin=pin, hold=False)
+        return entry.info(), newly
+
+    def acquire(self, lora: LoraRequest) -> AdapterLease:
+        """Find or load the adapter a request names, and hold it until the lease is released."""
+        if lora.path:
+            entry, _ = self._load(lora.path, lora.name or None, lora.id, pin=False, hold=True)
+            return AdapterLease(self, entry, lora.scale)
+        if not lora.name and lora.id is None:
+            raise InvalidArgument("lora_request needs a path, a name or an id", field="lora_request")
+        with self._lock:
+            entry = self._lookup_locked(lora.id, lora.name or None)
+            self._hold_locked(entry)
+        return AdapterLease(self, entry, lora.scale)
+
+    def unload(self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None) -> AdapterInfo:
+        """Remove an adapter. Held adapters finish their requests first, then are detached."""
+        with self._lock:
+            if path:
+                entry = self._by_path.get(normalize_path(path))
+                if entry is None:
+                    raise NotFound(f"no adapter is loaded from path '{path}'", field="path")
+            else:
+                entry = self._lookup_locked(adapter_id, name)
+            self._remove_locked(entry)
+            detach_now = entry.in_use == 0
+            if not detach_now:
+                entry.retired = True
+            info = entry.info()
+        if detach_now:
+            self._backend.unload(entry.internal_name)
+        log.info(
+            "adapter unloaded id=%d name=%s in_use=%d%s",
+            entry.id,
+            entry.name,
+            info.in_use,
+            "" if detach_now else " (detached when its last request ends)",
+        )
+        return info
+
+    def list(self) -> list[AdapterInfo]:
+        """All adapters, most recently used first."""
+        with self._lock:
+            return [entry.info() for entry in reversed(self._by_id.values())]
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    def _load(
+        self, path: str, name: str | None, adapter_id: int | None, *, pin: bool, hold: bool
+    ) -> tuple[AdapterEntry, bool]:
+        if not path:
+            raise InvalidArgument("adapter path must not be empty", field="path")
+        if "\x00" in path:
+            raise InvalidArgument("adapter path must not contain NUL bytes", field="path")
+        if name is not None and not NAME_PATTERN.match(name):
+            raise InvalidArgument(
+                f"adapter name {name!r} is invalid: use 1-128 characters from [A-Za-z0-9._-]", field="name"
+            )
+        if adapter_id is not None and not 1 <= adapter_id <= MAX_ADAPTER_ID:
+            raise InvalidArgument(f"adapter id must be between 1 and 2^63-1, got {adapter_id}", field="id")
+        norm = normalize_path(path)
+        while True:
+            victim: AdapterEntry | None = None
+            with self._lock:
+                existing = self._by_path.get(norm)
+                if existing is not None:
+                    self._check_same(existing.id, existing.name, adapter_id, name, norm)
+                    if pin:
+                        existing.pinned = True
+                    if hold:
+                        self._hold_locked(existing)
+                    else:
+                        self._by_id.move_to_end(existing.id)
+                    return existing, False
+                pending = self._pending.get(norm)
+                owner = pending is None
+                if pending is not None:
+                    self._check_same(
+                        pending.id, pending.name if pending.explicit_name else None, adapter_id, name, norm
+                    )
+                else:
+                    new_id = adapter_id if adapter_id is not None else derive_adapter_id(norm)
+                    self._check_id_free_locked(new_id, norm)
+                    new_name = self._choose_name_locked(norm, new_id, name)
+                    victim = self._make_room_locked()
+                    pending = _Pending(new_id, new_name, explicit_name=name is not None)
+                    self._pending[norm] = pending
+            if victim is not None:
+                log.info("adapter evicted (least recently used) id=%d name=%s", victim.id, victim.name)
+                self._backend.unload(victim.internal_name)
+            if owner:
+                return self._read_and_register(norm, pending, pin=pin, hold=hold), True
+            entry = pending.done.result()  # re-raises the loader's error for every waiter
+            with self._lock:
+                if self._by_id.get(entry.id) is entry:
+                    if pin:
+                        entry.pinned = True
+                    if hold:
+                        self._hold_locked(entry)
+                    return entry, False
+            # Evicted or unloaded between its load and our hold: go round again.
+
+    def _read_and_register(self, norm: str, pending: _Pending, *, pin: bool, hold: bool) -> AdapterEntry:
+        with self._lock:
+            self._counter += 1
+            internal = f"omni_{pending.id:x}_{self._counter}"
+        started = time.perf_counter()
+        try:
+            loaded = self._backend.load(norm, internal)
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[norm]
+            pending.done.set_exception(exc)
+            raise
+        load_ms = (time.perf_counter() - started) * 1000
+        with self._lock:
+            loads = self._loads_by_path.get(norm, 0) + 1
+            self._loads_by_path[norm] = loads
+            entry = AdapterEntry(
+                id=pending.id,
+                name=pending.name,
+                path=norm,
+                internal_name=internal,
+                loaded=loaded,
+                pinned=pin,
+                load_time_ms=load_ms,
+                loads=loads,
+            )
+            self._by_id[entry.id] = entry
+            self._by_name[entry.name] = entry
+            self._by_path[norm] = entry
+            del self._pending[norm]
+            if hold:
+                self._hold_locked(entry)
+        pending.done.set_result(entry)
+        log.info(
+            "adapter loaded id=%d name=%s path=%s format=%s rank=%d alpha=%g layers=%d bytes=%d pinned=%s ms=%.1f",
+            entry.id,
+            entry.name,
+            norm,
+            loaded.format.value,
+            loaded.rank,
+            loaded.alpha,
+            loaded.num_layers,
+            loaded.size_bytes,
+            pin,
+            load_ms,
+        )
+        return entry
+
+    def _release(self, entry: AdapterEntry) -> None:
+        with self._lock:
+            entry.in_use -= 1
+            detach = entry.retired and entry.in_use == 0
+        if detach:
+            self._backend.unload(entry.internal_name)
+
+    def _hold_locked(self, entry: AdapterEntry) -> None:
+        entry.in_use += 1
+        entry.use_count += 1
+        self._by_id.move_to_end(entry.id)
+
+    def _lookup_locked(self, adapter_id: int | None, name: str | None) -> AdapterEntry:
+        by_id = self._by_id.get(adapter_id) if adapter_id is not None else None
+        by_name = self._by_name.get(name) if name else None
+        if adapter_id is not None and by_id is None:
+            raise NotFound(f"no adapter with id {adapter_id} is loaded; give its path to load it", field="id")
+        if name and by_name is None:
+            raise NotFound(f"no adapter named '{name}' is loaded; give its path to load it", field="name")
+        if by_id is not None and by_name is not None and by_id is not by_name:
+            raise InvalidArgument(
+                f"id {adapter_id} and name '{name}' name two different adapters ('{by_id.name}' and id {by_name.id})",
+                field="id",
+            )
+        entry = by_id or by_name
+        if entry is None:
+            raise InvalidArgument("give the id or the name of the adapter")
+        return entry
+
+    def _check_same(
+        self, bound_id: int, bound_name: str | None, adapter_id: int | None, name: str | None, norm: str
+    ) -> None:
+        if adapter_id is not None and adapter_id != bound_id:
+            raise AlreadyExists(
+                f"adapter at '{norm}' is already loaded with id {bound_id}, not {adapter_id}", field="id"
+            )
+        if name is not None and bound_name is not None and name != bound_name:
+            raise AlreadyExists(
+                f"adapter at '{norm}' is already loaded under the name '{bound_name}', not '{name}'", field="name"
+            )
+
+    def _check_id_free_locked(self, adapter_id: int, norm: str) -> None:
+        holder = self._by_id.get(adapter_id)
+        other = holder.path if holder else next((p for p, w in self._pending.items() if w.id == adapter_id), None)
+        if other is not None and other != norm:
+            raise AlreadyExists(f"adapter id {adapter_id} is already bound to another path: '{other}'", field="id")
+
+    def _choose_name_locked(self, norm: str, adapter_id: int, name: str | None) -> str:
+        taken = set(self._by_name) | {p.name for p in self._pending.values()}
+        if name is not None:
+            if name in taken:
+                holder = self._by_name.get(name)
+                where = holder.path if holder else "a load in progress"
+                raise AlreadyExists(f"adapter name '{name}' is already bound to another path: '{where}'", field="name")
+            return name
+        base = os.path.basename(norm)
+        base = base.removesuffix(".safetensors") if os.path.isfile(norm) else base
+        candidate = base if NAME_PATTERN.match(base) else f"lora-{adapter_id:x}"
+        # A default name never fails a load: two folders both called "lora" get distinct names.
+        return candidate if candidate not in taken else f"{candidate[:100]}-{adapter_id:x}"
+
+    def _make_room_locked(self) -> AdapterEntry | None:
+        if not self.max_loaded or len(self._by_id) + len(self._pending) < self.max_loaded:
+            return None
+        for entry in self._by_id.values():  # least recently used first
+            if not entry.pinned and entry.in_use == 0:
+                self._remove_locked(entry)
+                return entry
+        raise ResourceExhausted(
+            f"all {self.max_loaded} adapter slots (--max-loaded-adapters) are pinned, in use or loading; "
+            "unload one or retry later"
+        )
+
+    def _remove_locked(self, entry: AdapterEntry) -> None:
+        del self._by_id[entry.id]
+        del self._by_name[entry.name]
+        del self._by_path[entry.path]

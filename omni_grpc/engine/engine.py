@@ -1,0 +1,349 @@
+"""The engine: the pipeline, the adapter table and the worker, behind a blocking, thread-safe API.
+
+It knows nothing of gRPC. The servicer, the offline `Omni` API and the example scripts all call it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from omni_grpc.config import EngineConfig
+from omni_grpc.engine import lora_io
+from omni_grpc.engine.adapters import AdapterLease, AdapterTable, LoadedAdapter, parse_lora_spec
+from omni_grpc.engine.imaging import encode_image
+from omni_grpc.engine.lora_layers import LoraLayers
+from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline, run_pipeline
+from omni_grpc.engine.scheduler import Worker
+from omni_grpc.engine.types import (
+    AdapterInfo,
+    AppliedAdapter,
+    GeneratedImage,
+    GenerateRequest,
+    GenerateResult,
+    LoraRequest,
+    Timings,
+)
+from omni_grpc.errors import Cancelled, DeadlineExceeded, InvalidArgument, OmniError, Unavailable
+
+log = logging.getLogger("omni_grpc.requests")
+MAX_SEED = (1 << 64) - 1
+
+
+@dataclass
+class _Plan:
+    """A validated request with every default filled in."""
+
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seeds: list[int]
+
+
+class _PipelineAdapters:
+    """The adapter table's backend: read files on the caller's thread, attach on the worker."""
+
+    def __init__(self, worker: Worker, layers: LoraLayers) -> None:
+        self._worker = worker
+        self._layers = layers
+
+    def load(self, path: str, internal_name: str) -> LoadedAdapter:
+        weights = lora_io.read_adapter(path)
+        self._layers.check_fits(weights)  # fail before queueing behind running requests
+        num_layers = self._worker.call(lambda: self._layers.attach(internal_name, weights))
+        return LoadedAdapter(
+            format=weights.format,
+            rank=weights.rank,
+            alpha=weights.alpha,
+            target_modules=weights.target_modules,
+            size_bytes=weights.size_bytes,
+            num_layers=num_layers,
+        )
+
+    def unload(self, internal_name: str) -> None:
+        self._worker.call(lambda: self._layers.detach(internal_name))
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._worker = Worker()
+        self._pipeline: LoadedPipeline | None = None
+        self._table: AdapterTable | None = None
+        self._layers: LoraLayers | None = None
+        self._ready = threading.Event()
+        self._request_ids = itertools.count(1)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Load the model (on the worker) and the pre-loaded adapters. Blocking; raises ModelLoadError."""
+        cfg = self.config
+        self._pipeline = self._worker.call(
+            lambda: load_pipeline(
+                cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, progress_bar=cfg.progress_bar
+            )
+        )
+        self._layers = LoraLayers(self._pipeline.denoiser)
+        self._table = AdapterTable(_PipelineAdapters(self._worker, self._layers), max_loaded=cfg.max_loaded_adapters)
+        for spec in cfg.lora_paths:
+            name, path = parse_lora_spec(spec)
+            self._table.load(path, name=name, pin=True)
+        self._ready.set()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def pipeline(self) -> LoadedPipeline:
+        if self._pipeline is None:
+            raise Unavailable("the model is still loading")
+        return self._pipeline
+
+    @property
+    def model_name(self) -> str:
+        return self.pipeline.model_name
+
+    def close(self) -> None:
+        """Finish queued work and stop the worker."""
+        self._ready.clear()
+        self._worker.close()
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        *,
+        cancelled: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+    ) -> GenerateResult:
+        """Run one request. `cancelled` is polled between steps; `deadline` is a time.monotonic() value."""
+        arrived = time.perf_counter()
+        request_id = next(self._request_ids)
+        lease: AdapterLease | None = None
+        timings = Timings()
+        outcome = "OK"
+        try:
+            plan = self._plan(request)
+            if request.lora is not None:
+                self._check_scale(request.lora)
+                lease = self._adapters.acquire(request.lora)
+                timings.adapter_ms = (time.perf_counter() - arrived) * 1000
+            check = _stop_check(cancelled, deadline)
+            submitted = time.perf_counter()
+            images = self._worker.submit(lambda: self._run(plan, lease, check, submitted, timings)).result()
+            result_images = [GeneratedImage(image=img, seed=seed) for img, seed in zip(images, plan.seeds, strict=True)]
+            if request.output_format is not None:
+                encoding = time.perf_counter()
+                for item in result_images:
+                    item.data = encode_image(item.image, request.output_format)
+                    item.mime_type = request.output_format.mime_type
+                timings.encode_ms = (time.perf_counter() - encoding) * 1000
+            timings.total_ms = (time.perf_counter() - arrived) * 1000
+            applied = None
+            if lease is not None:
+                entry = lease.entry
+                applied = AppliedAdapter(id=entry.id, name=entry.name, path=entry.path, scale=lease.scale)
+            return GenerateResult(
+                images=result_images,
+                adapter=applied,
+                timings=timings,
+                num_inference_steps=plan.steps,
+                guidance_scale=plan.guidance_scale,
+            )
+        except OmniError as exc:
+            outcome = exc.code
+            raise
+        except Exception:
+            outcome = "INTERNAL"
+            raise
+        finally:
+            if lease is not None:
+                lease.release()
+            self._log_request(request_id, request, lease, timings, arrived, outcome)
+
+    def load_adapter(
+        self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
+    ) -> tuple[AdapterInfo, bool]:
+        return self._adapters.load(path, name=name, adapter_id=adapter_id, pin=pin)
+
+    def unload_adapter(
+        self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None
+    ) -> AdapterInfo:
+        if adapter_id is None and not name and not path:
+            raise InvalidArgument("give the id, name or path of the adapter to unload")
+        return self._adapters.unload(adapter_id=adapter_id, name=name, path=path)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return self._adapters.list()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    @property
+    def _adapters(self) -> AdapterTable:
+        if self._table is None or not self.ready:
+            raise Unavailable("the model is still loading; retry when the health check reports SERVING")
+        return self._table
+
+    def _plan(self, request: GenerateRequest) -> _Plan:
+        pipeline = self.pipeline
+        if not self.ready:
+            raise Unavailable("the model is still loading; retry when the health check reports SERVING")
+        limits = self.config.limits
+        s = request.sampling
+        if not request.prompt.strip():
+            raise InvalidArgument("prompt must not be empty", field="prompt")
+        for field_name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            if len(text) > limits.max_prompt_chars:
+                raise InvalidArgument(
+                    f"{field_name} has {len(text)} characters; the limit is {limits.max_prompt_chars}",
+                    field=field_name,
+                )
+        height = pipeline.default_height if s.height is None else s.height
+        width = pipeline.default_width if s.width is None else s.width
+        multiple = pipeline.spatial_multiple
+        for field_name, value in (("height", height), ("width", width)):
+            if value < multiple or value > limits.max_side or value % multiple:
+                raise InvalidArgument(
+                    f"sampling_params.{field_name} must be a multiple of {multiple} between {multiple} and "
+                    f"{limits.max_side} for this model, got {value}",
+                    field=f"sampling_params.{field_name}",
+                )
+        if height * width > limits.max_pixels:
+            raise InvalidArgument(
+                f"sampling_params.height x width = {height * width} pixels exceeds the limit of {limits.max_pixels}",
+                field="sampling_params.height",
+            )
+        steps = pipeline.default_steps if s.num_inference_steps is None else s.num_inference_steps
+        if not 1 <= steps <= limits.max_steps:
+            raise InvalidArgument(
+                f"sampling_params.num_inference_steps must be between 1 and {limits.max_steps}, got {steps}",
+                field="sampling_params.num_inference_steps",
+            )
+        guidance = pipeline.default_guidance if s.guidance_scale is None else float(s.guidance_scale)
+        if not math.isfinite(guidance) or not 0 <= guidance <= limits.max_guidance_scale:
+            raise InvalidArgument(
+                f"sampling_params.guidance_scale must be between 0 and {limits.max_guidance_scale}, got {guidance}",
+                field="sampling_params.guidance_scale",
+            )
+        if not 1 <= s.num_images <= limits.max_images:
+            raise InvalidArgument(
+                f"sampling_params.num_images must be between 1 and {limits.max_images}, got {s.num_images}",
+                field="sampling_params.num_images",
+            )
+        seed = secrets.randbits(63) if s.seed is None else s.seed
+        if not 0 <= seed <= MAX_SEED - (s.num_images - 1):
+            raise InvalidArgument(
+                f"sampling_params.seed must be between 0 and 2^64-1 - (num_images-1), got {seed}",
+                field="sampling_params.seed",
+            )
+        return _Plan(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            height=height,
+            width=width,
+            steps=steps,
+            guidance_scale=guidance,
+            seeds=[seed + i for i in range(s.num_images)],
+        )
+
+    def _check_scale(self, lora: LoraRequest) -> None:
+        bound = self.config.limits.max_lora_scale
+        if not math.isfinite(lora.scale) or abs(lora.scale) > bound:
+            raise InvalidArgument(
+                f"lora_request.scale must be a finite number between -{bound:g} and {bound:g}, got {lora.scale}",
+                field="lora_request.scale",
+            )
+
+    def _run(
+        self,
+        plan: _Plan,
+        lease: AdapterLease | None,
+        check: Callable[[int], None],
+        submitted: float,
+        timings: Timings,
+    ) -> list:
+        """The worker's part of a request: activate the adapter, denoise, deactivate."""
+        started = time.perf_counter()
+        timings.queue_ms = (started - submitted) * 1000
+        check(-1)
+        layers_name = lease.entry.internal_name if lease is not None else None
+        scale = lease.scale if lease is not None else 0.0
+        assert self._layers is not None  # set by start(), before any request is admitted
+        with self._layers.active(layers_name, scale):
+            timings.adapter_ms += (time.perf_counter() - started) * 1000
+            denoise_start = time.perf_counter()
+            images = run_pipeline(
+                self.pipeline,
+                prompt=plan.prompt,
+                negative_prompt=plan.negative_prompt,
+                height=plan.height,
+                width=plan.width,
+                steps=plan.steps,
+                guidance_scale=plan.guidance_scale,
+                seeds=plan.seeds,
+                on_step=check,
+            )
+            timings.inference_ms = (time.perf_counter() - denoise_start) * 1000
+        return images
+
+    def _log_request(
+        self,
+        request_id: int,
+        request: GenerateRequest,
+        lease: AdapterLease | None,
+        timings: Timings,
+        arrived: float,
+        outcome: str,
+    ) -> None:
+        s = request.sampling
+        if lease is not None:
+            adapter = f"{lease.entry.name}#{lease.entry.id}@{lease.scale:g}"
+        elif request.lora is not None:
+            lora = request.lora
+            adapter = lora.name or lora.path or (f"#{lora.id}" if lora.id is not None else "?")
+        else:
+            adapter = "-"
+        level = logging.INFO if outcome in ("OK", "CANCELLED") else logging.WARNING
+        log.log(
+            level,
+            "generate id=%d adapter=%s size=%sx%s steps=%s images=%d outcome=%s queue_ms=%.1f adapter_ms=%.1f "
+            "inference_ms=%.1f encode_ms=%.1f total_ms=%.1f",
+            request_id,
+            adapter,
+            s.width or "default",
+            s.height or "default",
+            s.num_inference_steps or "default",
+            s.num_images,
+            outcome,
+            timings.queue_ms,
+            timings.adapter_ms,
+            timings.inference_ms,
+            timings.encode_ms,
+            (time.perf_counter() - arrived) * 1000,
+        )
+
+
+def _stop_check(cancelled: Callable[[], bool] | None, deadline: float | None) -> Callable[[int], None]:
+    """A per-step check that stops the denoising once the client has gone or its deadline passed."""
+
+    def check(step: int) -> None:
+        # The deadline first: gRPC also cancels a call whose deadline passed, and the log should say why.
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceeded(f"deadline exceeded after {step + 1} denoising steps")
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"request cancelled by the client after {step + 1} denoising steps")
+
+    return check

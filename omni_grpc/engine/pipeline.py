@@ -1,0 +1,195 @@
+"""Load a diffusers pipeline (local folder, hub id or the embedded default) and run it.
+
+Families: Stable Diffusion 3 / 3.5 (transformer denoiser) and Stable Diffusion 1.x/2.x and SDXL (UNet).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image as PILImage
+from torch import nn
+
+from omni_grpc.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Pipeline class name -> family. The family decides which component is the denoiser.
+FAMILIES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OnStep = Callable[[int], None]
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any
+    family: str
+    model_name: str
+    denoiser: nn.Module
+    # Height and width must be multiples of this (VAE factor x patch size for transformers).
+    spatial_multiple: int
+    default_height: int
+    default_width: int
+    default_steps: int
+    default_guidance: float
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # Half precision is the norm on GPUs; CPUs run float32 (bf16 matmuls there are slow).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got '{dtype}'")
+    return DTYPES[dtype]
+
+
+def load_pipeline(
+    model: str | None,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+    progress_bar: bool = False,
+) -> LoadedPipeline:
+    """Load `model` (a local diffusers folder or a hub id), or the embedded default when None."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if model is None:
+        from omni_grpc.engine.default_model import default_model_dir
+
+        folder = default_model_dir(cache_dir)
+        pipe = _from_folder(folder, torch_dtype)
+        model_name = "omni-grpc/tiny-sd3"
+    elif Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"'{model}' is a folder but not a diffusers pipeline: model_index.json is missing")
+        pipe = _from_folder(folder, torch_dtype)
+        model_name = model
+    elif Path(model).expanduser().exists():
+        raise ModelLoadError(f"--model '{model}' is a file; give a diffusers pipeline folder or a hub id")
+    else:
+        pipe = _from_hub(model, torch_dtype)
+        model_name = model
+
+    family = FAMILIES.get(type(pipe).__name__)
+    if family is None:
+        raise ModelLoadError(f"'{model_name}' is a {type(pipe).__name__}; supported: {', '.join(sorted(FAMILIES))}")
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    denoiser = pipe.transformer if family == "sd3" else pipe.unet
+    denoiser.eval()
+    spatial = int(pipe.vae_scale_factor)
+    if family == "sd3":
+        spatial *= int(denoiser.config.patch_size)
+    else:
+        # The UNet pipelines refuse sizes that are not multiples of 8, whatever their VAE.
+        spatial = math.lcm(spatial, 8)
+    sample = int(getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size)
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    default_side = sample * int(pipe.vae_scale_factor)
+    loaded = LoadedPipeline(
+        pipe=pipe,
+        family=family,
+        model_name=model_name,
+        denoiser=denoiser,
+        spatial_multiple=spatial,
+        default_height=default_side,
+        default_width=default_side,
+        default_steps=int(defaults["num_inference_steps"].default),
+        default_guidance=float(defaults["guidance_scale"].default),
+        device=dev,
+        dtype=torch_dtype,
+    )
+    log.info(
+        "model loaded name=%s family=%s device=%s dtype=%s default=%dx%d steps=%d",
+        model_name,
+        family,
+        dev,
+        str(torch_dtype).removeprefix("torch."),
+        default_side,
+        default_side,
+        loaded.default_steps,
+    )
+    return loaded
+
+
+def _from_folder(folder: Path, torch_dtype: torch.dtype) -> Any:
+    index = json.loads((folder / "model_index.json").read_text())
+    # Components saved as [null, null] (SD3 without T5, SD without safety checker) must be passed as
+    # None explicitly, or from_pretrained raises.
+    absent = {key: None for key, value in index.items() if isinstance(value, list) and value == [None, None]}
+    try:
+        return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **absent)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ModelLoadError(f"could not load the diffusers pipeline in '{folder}': {exc}") from exc
+
+
+def _from_hub(model_id: str, torch_dtype: torch.dtype) -> Any:
+    try:
+        return DiffusionPipeline.from_pretrained(model_id, torch_dtype=torch_dtype)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        reason = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {exc}"
+        raise ModelLoadError(
+            f"model '{model_id}' is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({reason}). If this machine cannot reach the hub, download the model elsewhere and pass its "
+            "local diffusers folder, e.g. --model /models/stable-diffusion-3.5-medium"
+        ) from exc
+
+
+def run_pipeline(
+    loaded: LoadedPipeline,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    height: int,
+    width: int,
+    steps: int,
+    guidance_scale: float,
+    seeds: list[int],
+    on_step: OnStep,
+) -> list[PILImage.Image]:
+    """Run one request: one image per seed. `on_step` may raise to stop between steps."""
+
+    def step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        on_step(step)
+        return tensors
+
+    # CPU generators give the same latents on every device, so a seed means the same image everywhere.
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    output = loaded.pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt or None,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        num_images_per_prompt=len(seeds),
+        generator=generators,
+        output_type="pil",
+        callback_on_step_end=step_end,
+    )
+    return list(output.images)

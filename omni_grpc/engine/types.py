@@ -1,0 +1,140 @@
+"""Plain request and result types of the engine (no gRPC, no protobuf)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+
+class OutputFormat(enum.Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def mime_type(self) -> str:
+        return f"image/{self.value}"
+
+
+class AdapterFormat(enum.Enum):
+    PEFT = "peft"
+    DIFFUSERS = "diffusers"
+
+
+@dataclass
+class LoraRequest:
+    """Which adapter a request runs with: a path (loaded on first use), or a name / id already loaded."""
+
+    path: str | None = None
+    name: str | None = None
+    id: int | None = None
+    scale: float = 1.0
+
+    @classmethod
+    def coerce(cls, value: LoraRequest | dict | None) -> LoraRequest | None:
+        """Accept the seed's dict form (`{"path": ..., "scale": ...}`) as well as the dataclass."""
+        if value is None or isinstance(value, LoraRequest):
+            return value
+        known = {"path", "name", "id", "scale"}
+        unknown = set(value) - known
+        if unknown:
+            from omni_grpc.errors import InvalidArgument
+
+            raise InvalidArgument(f"lora_request has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        scale = value.get("scale")
+        return cls(
+            path=value.get("path"),
+            name=value.get("name"),
+            id=value.get("id"),
+            scale=1.0 if scale is None else float(scale),
+        )
+
+
+@dataclass
+class SamplingParams:
+    """Denoising parameters; None means the model's default."""
+
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 1
+    lora_request: LoraRequest | dict | None = None
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    negative_prompt: str = ""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    lora: LoraRequest | None = None
+    # None: keep PIL images only (offline use); otherwise also encode them.
+    output_format: OutputFormat | None = None
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    adapter_ms: float = 0.0
+    inference_ms: float = 0.0
+    encode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class GeneratedImage:
+    image: PILImage.Image
+    seed: int
+    # The encoded bytes, when the request asked for an output format.
+    data: bytes | None = None
+    mime_type: str | None = None
+
+    @property
+    def width(self) -> int:
+        return self.image.width
+
+    @property
+    def height(self) -> int:
+        return self.image.height
+
+
+@dataclass
+class AppliedAdapter:
+    id: int
+    name: str
+    path: str
+    scale: float
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage]
+    adapter: AppliedAdapter | None
+    timings: Timings
+    num_inference_steps: int
+    guidance_scale: float
+
+
+@dataclass
+class AdapterInfo:
+    """A snapshot of one entry of the adapter table."""
+
+    id: int
+    name: str
+    path: str
+    format: AdapterFormat
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    pinned: bool
+    size_bytes: int
+    load_time_ms: float
+    use_count: int
+    in_use: int
+    loads: int
+    num_layers: int

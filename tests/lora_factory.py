@@ -1,0 +1,117 @@
+"""Build real adapters with peft, and reference images computed with diffusers + peft directly.
+
+The references never go through omni-grpc's loader: peft's own PeftModel.from_pretrained injects the
+adapter, and peft's own set_scale applies a scale. That makes them an independent oracle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def make_peft_adapter(
+    model_dir: Path,
+    out: Path,
+    *,
+    rank: int = 4,
+    alpha: float = 8,
+    targets: Sequence[str] = SD3_TARGETS,
+    seed: int = 0,
+    unet: bool = False,
+    magnitude: float = 1.0,
+) -> Path:
+    """A PEFT-format adapter (adapter_config.json + adapter_model.safetensors) with random weights."""
+    cls = UNet2DConditionModel if unet else SD3Transformer2DModel
+    model = cls.from_pretrained(str(model_dir / ("unet" if unet else "transformer")))
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
+    )
+    # "gaussian" init leaves lora_B at zero (a no-op adapter); give B weights so the adapter shows.
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, magnitude)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def edit_config(adapter: Path, **changes: object) -> None:
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def rewrite_tensors(adapter_file: Path, fn) -> None:
+    """Rewrite a safetensors file through fn(dict) -> dict."""
+    tensors = load_file(adapter_file)
+    save_file(fn(tensors), adapter_file)
+
+
+def load_reference_pipeline(model_dir: Path) -> DiffusionPipeline:
+    index = json.loads((model_dir / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    pipe = DiffusionPipeline.from_pretrained(str(model_dir), **absent)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_image(
+    model_dir: Path,
+    *,
+    prompt: str,
+    seed: int,
+    steps: int,
+    size: int = 64,
+    adapter: Path | None = None,
+    scale: float = 1.0,
+    guidance_scale: float | None = None,
+) -> np.ndarray:
+    """The image plain diffusers + peft produce, as uint8 HxWx3."""
+    pipe = load_reference_pipeline(model_dir)
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    if adapter is not None:
+        PeftModel.from_pretrained(denoiser, str(adapter))
+        for module in denoiser.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale("default", scale)
+    kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+    out = pipe(
+        prompt=prompt,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        generator=[torch.Generator("cpu").manual_seed(seed)],
+        output_type="pil",
+        **kwargs,
+    )
+    return np.asarray(out.images[0].convert("RGB"))
+
+
+def decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def assert_close_image(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to float rounding before the uint8 cast (at most one level off per pixel)."""
+    assert actual.shape == expected.shape
+    diff = np.abs(actual.astype(int) - expected.astype(int))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()} (mean {diff.mean():.3f})"
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(float) - b.astype(float)).mean())

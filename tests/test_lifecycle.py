@@ -1,0 +1,107 @@
+"""Start-up, health transitions and graceful shutdown of the real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from omni_grpc import server as server_module
+from omni_grpc.config import EngineConfig, ServerConfig
+from omni_grpc.engine.engine import Engine
+from omni_grpc.v1 import omni_pb2 as pb
+from omni_grpc.v1 import omni_pb2_grpc
+from tests.server_process import free_port, start_server
+from tests.test_adapters import listed, wait_for
+
+
+def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_zero(
+    cache_root: Path, preloaded: Path, tmp_path: Path
+) -> None:
+    srv = start_server(["--cache-dir", str(cache_root), "--lora-path", f"pre={preloaded}"], log_path=tmp_path / "s.log")
+    statuses: list[int] = []
+    watch = health_pb2_grpc.HealthStub(srv.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+
+    def follow() -> None:
+        with contextlib.suppress(grpc.RpcError):  # the stream ends with the server
+            for update in watch:
+                statuses.append(update.status)
+
+    watcher = threading.Thread(target=follow)
+    watcher.start()
+    request = pb.GenerateRequest(
+        prompt="p", lora_request=pb.LoraRequest(name="pre"), sampling_params=pb.SamplingParams(num_inference_steps=80)
+    )
+    running = srv.stub.Generate.future(request, timeout=120)
+    wait_for(lambda: listed(srv)["pre"].in_use == 1)
+    srv.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses)
+    with pytest.raises(grpc.RpcError) as refused:
+        srv.stub.Generate(pb.GenerateRequest(prompt="late"), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(running.result().images) == 1  # the running request finished normally
+    assert srv.proc.wait(60) == 0
+    watcher.join(10)
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    log = srv.log()
+    assert "shutting down" in log and "stopped" in log
+    srv.channel.close()
+
+
+def test_hub_model_without_hub_exits_with_a_clear_error(tmp_path: Path) -> None:
+    srv = start_server(["--model", "stabilityai/stable-diffusion-3.5-medium"], log_path=tmp_path / "s.log", wait=False)
+    assert srv.proc.wait(120) == 1
+    assert "local diffusers folder" in srv.log()
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port opens first; health flips to SERVING only once the (real) model is loaded."""
+    release = threading.Event()
+
+    class SlowStartEngine(Engine):
+        def start(self) -> Engine:
+            release.wait(60)
+            return super().start()
+
+    monkeypatch.setattr(server_module, "Engine", SlowStartEngine)
+    port = free_port()
+    config = ServerConfig(engine=EngineConfig(cache_dir=cache_root), port=port, grace_period=5)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(loop.run_until_complete(server_module.serve(config, stop))))
+    thread.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    stub = omni_pb2_grpc.OmniServiceStub(channel)
+    try:
+
+        def status() -> int | None:
+            try:
+                return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            except grpc.RpcError:
+                return None
+
+        wait_for(lambda: status() is not None)
+        assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as early:
+            stub.Generate(pb.GenerateRequest(prompt="too early"), timeout=10)
+        assert early.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in early.value.details()
+        release.set()
+        wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+        assert stub.Generate(
+            pb.GenerateRequest(prompt="now", sampling_params=pb.SamplingParams(num_inference_steps=1)), timeout=60
+        ).images
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(60)
+        channel.close()
+    assert codes == [0]
