@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Libraries are chatty at INFO; operators want one line per request from us.
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.command == "serve":
         from omni_grpc.server import serve
 

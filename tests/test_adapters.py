@@ -121,7 +121,7 @@ def test_missing_path_is_not_found(server: ServerProcess, tmp_path: Path) -> Non
 def test_missing_file_is_invalid_argument(server: ServerProcess, fresh: Path, missing: str) -> None:
     (fresh / missing).unlink()
     error = rpc_error(load, server, fresh)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and missing in error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and f"is missing {missing};" in error.details()
 
 
 def test_pickle_is_refused(server: ServerProcess, fresh: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -109,6 +110,25 @@ def test_scales_differ_and_zero_scale_is_base(server: ServerProcess, style_a: Pa
     zero = generate(server, lora=lora).images[0].data
     assert mean_abs_diff(full, half) > 1
     assert zero == generate(server).images[0].data
+
+
+def test_concurrent_requests_on_one_adapter_keep_their_own_scale(server: ServerProcess, style_a: Path) -> None:
+    def at(scale: float) -> bytes:
+        return generate(server, seed=13, lora=pb.LoraRequest(path=str(style_a), scale=scale)).images[0].data
+
+    alone = {scale: at(scale) for scale in (0.5, 1.0)}
+    assert alone[0.5] != alone[1.0]
+    scales = [0.5, 1.0] * 4
+    with ThreadPoolExecutor(len(scales)) as pool:
+        results = list(pool.map(at, scales))
+    assert [alone[scale] == data for scale, data in zip(scales, results, strict=True)] == [True] * len(scales)
+
+
+def test_base_is_bit_identical_to_plain_diffusers(server: ServerProcess, model_dir: Path, style_a: Path) -> None:
+    """A server with adapters loaded (and used) gives exactly what a pipeline that never saw one gives."""
+    generate(server, seed=17, lora=pb.LoraRequest(path=str(style_a)))
+    expected = reference_image(model_dir, prompt=PROMPT, seed=17, steps=STEPS)
+    assert np.array_equal(decode(generate(server, seed=17).images[0].data), expected)
 
 
 def test_base_bit_identical_before_and_after_adapters(server: ServerProcess, style_a: Path, style_b: Path) -> None:

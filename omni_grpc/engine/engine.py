@@ -133,6 +133,7 @@ class Engine:
         arrived = time.perf_counter()
         request_id = next(self._request_ids)
         lease: AdapterLease | None = None
+        plan: _Plan | None = None
         timings = Timings()
         outcome = "OK"
         try:
@@ -172,7 +173,7 @@ class Engine:
         finally:
             if lease is not None:
                 lease.release()
-            self._log_request(request_id, request, lease, timings, arrived, outcome)
+            self._log_request(request_id, request, plan, lease, timings, arrived, outcome)
 
     def load_adapter(
         self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
@@ -303,12 +304,12 @@ class Engine:
         self,
         request_id: int,
         request: GenerateRequest,
+        plan: _Plan | None,
         lease: AdapterLease | None,
         timings: Timings,
         arrived: float,
         outcome: str,
     ) -> None:
-        s = request.sampling
         if lease is not None:
             adapter = f"{lease.entry.name}#{lease.entry.id}@{lease.scale:g}"
         elif request.lora is not None:
@@ -316,17 +317,20 @@ class Engine:
             adapter = lora.name or lora.path or (f"#{lora.id}" if lora.id is not None else "?")
         else:
             adapter = "-"
+        # A request refused by validation has no plan: log what it asked for.
+        shape = (
+            f"size={plan.width}x{plan.height} steps={plan.steps} images={len(plan.seeds)}"
+            if plan is not None
+            else "size=? steps=? images=?"
+        )
         level = logging.INFO if outcome in ("OK", "CANCELLED") else logging.WARNING
         log.log(
             level,
-            "generate id=%d adapter=%s size=%sx%s steps=%s images=%d outcome=%s queue_ms=%.1f adapter_ms=%.1f "
-            "inference_ms=%.1f encode_ms=%.1f total_ms=%.1f",
+            "generate id=%d adapter=%s %s outcome=%s queue_ms=%.1f adapter_ms=%.1f inference_ms=%.1f "
+            "encode_ms=%.1f total_ms=%.1f",
             request_id,
             adapter,
-            s.width or "default",
-            s.height or "default",
-            s.num_inference_steps or "default",
-            s.num_images,
+            shape,
             outcome,
             timings.queue_ms,
             timings.adapter_ms,

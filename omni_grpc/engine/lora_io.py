@@ -119,9 +119,13 @@ def _read_peft_folder(folder: Path) -> AdapterWeights:
                 "because unpickling can run arbitrary code; save the adapter with safe_serialization=True",
                 field="path",
             )
-        raise InvalidArgument(f"adapter folder '{folder}' is missing {PEFT_WEIGHTS}", field="path")
-    if not config_path.is_file():
-        raise InvalidArgument(f"adapter folder '{folder}' is missing {PEFT_CONFIG}", field="path")
+    missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
+    if missing:
+        raise InvalidArgument(
+            f"adapter folder '{folder}' is missing {' and '.join(missing)}; a PEFT adapter folder holds "
+            f"{PEFT_CONFIG} and {PEFT_WEIGHTS}",
+            field="path",
+        )
 
     config = _read_config(config_path)
     tensors, _ = _read_safetensors(weights_path)

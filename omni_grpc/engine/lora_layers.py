@@ -12,6 +12,7 @@ those layers for that request only.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from omni_grpc.engine.lora_io import AdapterWeights
 from omni_grpc.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
+# peft warns at every second adapter in one model; many adapters side by side is the point here.
+warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
 @dataclass

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image as PILImage
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 from omni_grpc.errors import ModelLoadError
 
@@ -76,6 +78,10 @@ def load_pipeline(
     """Load `model` (a local diffusers folder or a hub id), or the embedded default when None."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if not progress_bar:
+        # Loading bars are noise in a server's log.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     if model is None:
         from omni_grpc.engine.default_model import default_model_dir
 
@@ -142,14 +148,14 @@ def _from_folder(folder: Path, torch_dtype: torch.dtype) -> Any:
     # None explicitly, or from_pretrained raises.
     absent = {key: None for key, value in index.items() if isinstance(value, list) and value == [None, None]}
     try:
-        return DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **absent)
+        return DiffusionPipeline.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True, **absent)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"could not load the diffusers pipeline in '{folder}': {exc}") from exc
 
 
 def _from_hub(model_id: str, torch_dtype: torch.dtype) -> Any:
     try:
-        return DiffusionPipeline.from_pretrained(model_id, torch_dtype=torch_dtype)
+        return DiffusionPipeline.from_pretrained(model_id, dtype=torch_dtype)
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         reason = "HF_HUB_OFFLINE is set" if offline else f"{type(exc).__name__}: {exc}"

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from omni_grpc.errors import InvalidArgument
+
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
@@ -42,10 +44,10 @@ class LoraRequest:
         known = {"path", "name", "id", "scale"}
         unknown = set(value) - known
         if unknown:
-            from omni_grpc.errors import InvalidArgument
-
             raise InvalidArgument(f"lora_request has unknown keys {sorted(unknown)}; known: {sorted(known)}")
         scale = value.get("scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise InvalidArgument(f"lora_request.scale must be a number, got {scale!r}", field="lora_request.scale")
         return cls(
             path=value.get("path"),
             name=value.get("name"),
