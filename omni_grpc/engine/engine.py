@@ -18,7 +18,7 @@ from omni_grpc.config import EngineConfig
 from omni_grpc.engine import lora_io
 from omni_grpc.engine.adapters import AdapterLease, AdapterTable, LoadedAdapter, parse_lora_spec
 from omni_grpc.engine.imaging import encode_image
-from omni_grpc.engine.lora_layers import LoraLayers
+from omni_grpc.engine.lora_layers import MultiLora
 from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline, run_pipeline
 from omni_grpc.engine.scheduler import Worker
 from omni_grpc.engine.types import (
@@ -50,27 +50,27 @@ class _Plan:
 
 
 class _PipelineAdapters:
-    """The adapter table's backend: read files on the caller's thread, attach on the worker."""
+    """The adapter table's backend: read and convert files on the caller's thread, attach on the worker."""
 
-    def __init__(self, worker: Worker, layers: LoraLayers) -> None:
+    def __init__(self, worker: Worker, lora: MultiLora) -> None:
         self._worker = worker
-        self._layers = layers
+        self._lora = lora
 
     def load(self, path: str, internal_name: str) -> LoadedAdapter:
         weights = lora_io.read_adapter(path)
-        self._layers.check_fits(weights)  # fail before queueing behind running requests
-        num_layers = self._worker.call(lambda: self._layers.attach(internal_name, weights))
+        slot = self._lora.make_slot(weights)  # checks the fit before queueing behind running requests
+        num_layers = self._worker.call(lambda: self._lora.attach(internal_name, slot))
         return LoadedAdapter(
             format=weights.format,
             rank=weights.rank,
             alpha=weights.alpha,
             target_modules=weights.target_modules,
-            size_bytes=weights.size_bytes,
+            size_bytes=slot.nbytes,
             num_layers=num_layers,
         )
 
     def unload(self, internal_name: str) -> None:
-        self._worker.call(lambda: self._layers.detach(internal_name))
+        self._worker.call(lambda: self._lora.detach(internal_name))
 
 
 class Engine:
@@ -79,7 +79,7 @@ class Engine:
         self._worker = Worker()
         self._pipeline: LoadedPipeline | None = None
         self._table: AdapterTable | None = None
-        self._layers: LoraLayers | None = None
+        self._lora: MultiLora | None = None
         self._ready = threading.Event()
         self._request_ids = itertools.count(1)
 
@@ -93,8 +93,9 @@ class Engine:
                 cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, progress_bar=cfg.progress_bar
             )
         )
-        self._layers = LoraLayers(self._pipeline.denoiser)
-        self._table = AdapterTable(_PipelineAdapters(self._worker, self._layers), max_loaded=cfg.max_loaded_adapters)
+        pipeline = self._pipeline
+        self._lora = MultiLora(pipeline.denoiser, pipeline.device, pipeline.dtype)
+        self._table = AdapterTable(_PipelineAdapters(self._worker, self._lora), max_loaded=cfg.max_loaded_adapters)
         for spec in cfg.lora_paths:
             name, path = parse_lora_spec(spec)
             self._table.load(path, name=name, pin=True)
@@ -110,6 +111,13 @@ class Engine:
         if self._pipeline is None:
             raise Unavailable("the model is still loading")
         return self._pipeline
+
+    @property
+    def lora(self) -> MultiLora:
+        """The adapters attached to the denoiser (for introspection; the worker owns them)."""
+        if self._lora is None:
+            raise Unavailable("the model is still loading")
+        return self._lora
 
     @property
     def model_name(self) -> str:
@@ -280,10 +288,10 @@ class Engine:
         started = time.perf_counter()
         timings.queue_ms = (started - submitted) * 1000
         check(-1)
-        layers_name = lease.entry.internal_name if lease is not None else None
+        key = lease.entry.internal_name if lease is not None else None
         scale = lease.scale if lease is not None else 0.0
-        assert self._layers is not None  # set by start(), before any request is admitted
-        with self._layers.active(layers_name, scale):
+        assert self._lora is not None  # set by start(), before any request is admitted
+        with self._lora.plan([(key, scale)] * len(plan.seeds)):
             timings.adapter_ms += (time.perf_counter() - started) * 1000
             denoise_start = time.perf_counter()
             images = run_pipeline(

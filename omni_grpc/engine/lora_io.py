@@ -58,6 +58,8 @@ class AdapterWeights:
     lora_config: dict[str, Any]
     # target_modules as the adapter's own config names them (for display).
     target_modules: list[str] = field(default_factory=list)
+    # Module name -> alpha / r for that module (peft's rule, patterns included).
+    scalings: dict[str, float] = field(default_factory=dict)
 
     @property
     def rank(self) -> int:
@@ -248,10 +250,18 @@ def _build(
     for name in ("rank_pattern", "alpha_pattern"):
         if not isinstance(config.get(name) or {}, dict):
             raise InvalidArgument(f"{source}: '{name}' must be an object")
-    if not config.get("rank_pattern"):
-        for module, (a, _) in modules.items():
-            if a.shape[0] != rank:
-                raise InvalidArgument(f"{source}: module '{module}' has rank {a.shape[0]} but the config says r={rank}")
+    scalings: dict[str, float] = {}
+    for module, (a, _) in modules.items():
+        module_rank = _pattern_value(config.get("rank_pattern") or {}, module, rank)
+        module_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, alpha)
+        if a.shape[0] != module_rank:
+            raise InvalidArgument(
+                f"{source}: module '{module}' has rank {a.shape[0]} but the config says r={module_rank}"
+            )
+        if not isinstance(module_alpha, (int, float)) or not math.isfinite(module_alpha):
+            raise InvalidArgument(f"{source}: alpha of module '{module}' must be a finite number")
+        root = math.sqrt(module_rank) if config.get("use_rslora") else module_rank
+        scalings[module] = module_alpha / root
 
     lora_config = {key: config[key] for key in _CONFIG_PASSTHROUGH if key in config}
     lora_config["lora_alpha"] = alpha
@@ -263,4 +273,14 @@ def _build(
         shown = sorted(str(t) for t in declared)
     else:
         shown = sorted({module.rsplit(".", 1)[-1] for module in modules})
-    return AdapterWeights(path=path, format=fmt, modules=modules, lora_config=lora_config, target_modules=shown)
+    return AdapterWeights(
+        path=path, format=fmt, modules=modules, lora_config=lora_config, target_modules=shown, scalings=scalings
+    )
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern rule: a pattern matches a dotted suffix of the module name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default

@@ -1,46 +1,120 @@
-"""Attach, detach and activate LoRA adapters on the denoiser (peft layers through diffusers' loader).
+"""Apply many LoRA adapters to one denoiser, per sample, without changing its weights.
 
-Only the engine's worker thread calls attach/detach/activate: it is the one owner of the pipeline.
-`check_fits` only reads module shapes and may run on any thread.
+Each Linear/Conv2d that some adapter targets gets one forward hook, installed the first time an adapter
+names it. Before each pipeline call the worker sets a `BatchPlan`: the adapter and scale of every
+sample in the batch. The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group of samples that
+share an adapter and a scale; samples without an adapter are left alone. With no plan the hooks return
+the base output untouched, so base results stay bit-identical to a model that never saw an adapter.
 
-Invariant between requests: no LoRA layer has an active adapter, so a request without an adapter runs
-the base weights exactly. A request activates one adapter on that adapter's own layers (touching neither
-other adapters nor their layers, so the cost does not grow with the number loaded) and sets its scale on
-those layers for that request only.
+Adapter tensors live in `AdapterSlot`s, outside the module tree: moving one between memory tiers is a
+tensor copy, switching adapters is setting a plan, and neither depends on how many adapters are loaded.
+Only the engine's worker thread calls attach/detach/move/plan; `check_fits` and `make_slot` only read.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from peft.tuners.tuners_utils import BaseTunerLayer
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omni_grpc.engine.lora_io import AdapterWeights
 from omni_grpc.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
-# peft warns at every second adapter in one model; many adapters side by side is the point here.
-warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
 
 
 @dataclass
-class _Attached:
-    layers: list[BaseTunerLayer]
-    # peft's alpha / r (or alpha / sqrt(r)) per layer, captured at attach time; a request multiplies it.
-    base_scaling: list[float]
+class ModuleLora:
+    """One adapted module of one adapter."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    # alpha / r (or alpha / sqrt(r) with rsLoRA), as peft computes it for this module.
+    scaling: float
+    # Conv2d geometry of lora_A (it convolves like the base layer); None for Linear.
+    conv: tuple[Any, Any, Any] | None = None
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.linear(F.linear(x, self.a), self.b)
+        stride, padding, dilation = self.conv
+        return F.conv2d(F.conv2d(x, self.a, None, stride, padding, dilation), self.b)
+
+    def to(self, device: torch.device) -> ModuleLora:
+        return ModuleLora(self.a.to(device), self.b.to(device), self.scaling, self.conv)
 
 
-class LoraLayers:
-    """The adapters attached to one denoiser, by internal (per-load unique) peft adapter name."""
+@dataclass
+class AdapterSlot:
+    """An adapter's tensors, ready for the hooks, on one device."""
 
-    def __init__(self, denoiser: nn.Module) -> None:
+    modules: dict[str, ModuleLora]
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+    def to(self, device: torch.device) -> AdapterSlot:
+        if device == self.device:
+            return self
+        return AdapterSlot({name: m.to(device) for name, m in self.modules.items()}, device)
+
+
+@dataclass
+class BatchPlan:
+    """The adapter (internal key or None) and scale of each sample of one pipeline call."""
+
+    samples: Sequence[tuple[str | None, float]]
+    _groups: dict[tuple[int, torch.device], list[tuple[str, float, torch.Tensor | None]]] = field(default_factory=dict)
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(key is not None for key, _ in self.samples)
+
+    def groups(self, batch: int, device: torch.device) -> list[tuple[str, float, torch.Tensor | None]]:
+        """(key, scale, row index or None for "all rows") for a denoiser batch of `batch` rows.
+
+        Classifier-free guidance runs the denoiser on [uncond; cond], i.e. the samples repeated, so row
+        j belongs to sample j % len(samples).
+        """
+        cached = self._groups.get((batch, device))
+        if cached is not None:
+            return cached
+        n = len(self.samples)
+        if batch % n:
+            raise RuntimeError(f"denoiser batch {batch} is not a multiple of the {n} planned samples")
+        rows: dict[tuple[str, float], list[int]] = {}
+        for row in range(batch):
+            key, scale = self.samples[row % n]
+            if key is not None:
+                rows.setdefault((key, scale), []).append(row)
+        groups = [
+            (key, scale, None if len(idx) == batch else torch.tensor(idx, device=device))
+            for (key, scale), idx in rows.items()
+        ]
+        self._groups[(batch, device)] = groups
+        return groups
+
+
+class MultiLora:
+    """The adapters attached to one denoiser, by internal (per-load unique) key."""
+
+    def __init__(self, denoiser: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         self._denoiser = denoiser
-        self._attached: dict[str, _Attached] = {}
+        self._device = device
+        self._dtype = dtype
+        self._slots: dict[str, AdapterSlot] = {}
+        self._hooked: set[str] = set()
+        self._plan: BatchPlan | None = None
+
+    # ---- reading (any thread) -------------------------------------------------------------------
 
     def check_fits(self, weights: AdapterWeights) -> None:
         """Raise FailedPrecondition naming the first module that is missing or has other shapes."""
@@ -54,8 +128,6 @@ class LoraLayers:
                     f"adapter '{weights.path}' does not fit the base model: module '{module_name}' does not "
                     f"exist in {model_name}"
                 ) from None
-            if isinstance(module, BaseTunerLayer):
-                module = module.get_base_layer()
             expected = _expected_shapes(module, a.shape[0])
             if expected is None:
                 raise FailedPrecondition(
@@ -69,66 +141,83 @@ class LoraLayers:
                     f"{list(a.shape)} and {list(b.shape)}"
                 )
 
-    def attach(self, internal_name: str, weights: AdapterWeights) -> int:
-        """Inject the adapter's layers; returns how many layers it adapts. Worker thread only."""
+    def make_slot(self, weights: AdapterWeights, device: torch.device | None = None) -> AdapterSlot:
+        """The adapter's tensors in the model's dtype on `device` (default: the model's device)."""
         self.check_fits(weights)
-        try:
-            # Passing the config as metadata makes diffusers honour lora_alpha (it assumes alpha == r
-            # otherwise) and reproduces peft's own output exactly.
-            self._denoiser.load_lora_adapter(
-                weights.state_dict(), prefix=None, adapter_name=internal_name, metadata=dict(weights.lora_config)
+        target = device or self._device
+        modules: dict[str, ModuleLora] = {}
+        for name, (a, b) in weights.modules.items():
+            base = self._denoiser.get_submodule(name)
+            conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
+            modules[name] = ModuleLora(
+                a=a.to(device=target, dtype=self._dtype),
+                b=b.to(device=target, dtype=self._dtype),
+                scaling=weights.scalings[name],
+                conv=conv,
             )
-        except (ValueError, RuntimeError, TypeError, KeyError) as exc:
-            self._forget(internal_name)
-            raise FailedPrecondition(f"adapter '{weights.path}' could not be attached: {exc}") from exc
-        layers = [m for m in self._denoiser.modules() if isinstance(m, BaseTunerLayer) and internal_name in m.lora_A]
-        if len(layers) != len(weights.modules):
-            # diffusers only logs a warning when keys match nothing; here that is an error.
-            self._forget(internal_name)
-            raise FailedPrecondition(
-                f"adapter '{weights.path}' adapted {len(layers)} of its {len(weights.modules)} layers; "
-                "refusing to serve a partially applied adapter"
-            )
-        self._attached[internal_name] = _Attached(layers, [float(m.scaling[internal_name]) for m in layers])
-        self._deactivate_all()
-        return len(layers)
+        return AdapterSlot(modules, target)
 
-    def detach(self, internal_name: str) -> None:
-        """Remove the adapter's layers and free its tensors. Worker thread only."""
-        self._attached.pop(internal_name, None)
-        self._forget(internal_name)
+    # ---- worker thread only -----------------------------------------------------------------------
+
+    def attach(self, key: str, slot: AdapterSlot) -> int:
+        """Make the adapter usable in plans; returns how many layers it adapts."""
+        for name in slot.modules:
+            if name not in self._hooked:
+                self._denoiser.get_submodule(name).register_forward_hook(self._hook_for(name))
+                self._hooked.add(name)
+        self._slots[key] = slot
+        return len(slot.modules)
+
+    def detach(self, key: str) -> None:
+        """Forget the adapter; its tensors are freed with the slot."""
+        self._slots.pop(key, None)
+
+    def move(self, key: str, device: torch.device) -> None:
+        """Move an attached adapter's tensors to another device (a tier move)."""
+        self._slots[key] = self._slots[key].to(device)
+
+    def device_of(self, key: str) -> torch.device:
+        return self._slots[key].device
 
     @contextmanager
-    def active(self, internal_name: str | None, scale: float) -> Iterator[None]:
-        """Run the body with exactly this adapter at this scale (or none). Worker thread only."""
-        if internal_name is None:
-            yield
-            return
-        attached = self._attached[internal_name]
-        for layer, base in zip(attached.layers, attached.base_scaling, strict=True):
-            layer.scaling[internal_name] = base * scale
-            layer._active_adapter = [internal_name]  # noqa: SLF001 - set_adapter() walks every adapter
+    def plan(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
+        """Run the body with these per-sample adapters; the plan never outlives the call."""
+        plan = BatchPlan(samples)
+        for key, _ in samples:
+            if key is not None and self._slots[key].device != self._device:
+                raise RuntimeError(f"adapter {key} is not on {self._device}; promote it first")
+        self._plan = plan if plan.has_adapters else None
         try:
             yield
         finally:
-            for layer, base in zip(attached.layers, attached.base_scaling, strict=True):
-                layer._active_adapter = []  # noqa: SLF001
-                layer.scaling[internal_name] = base
+            self._plan = None
 
-    def _forget(self, internal_name: str) -> None:
-        if internal_name in getattr(self._denoiser, "peft_config", {}):
-            self._denoiser.delete_adapters(internal_name)
-        # peft re-activates some remaining adapter after a delete; restore the invariant.
-        self._deactivate_all()
+    # ---- introspection ----------------------------------------------------------------------------
 
-    def _deactivate_all(self) -> None:
-        for module in self._denoiser.modules():
-            if isinstance(module, BaseTunerLayer):
-                module._active_adapter = []  # noqa: SLF001
+    def slot(self, key: str) -> AdapterSlot | None:
+        return self._slots.get(key)
 
-    @property
-    def attached(self) -> list[str]:
-        return list(self._attached)
+    def resident_bytes(self) -> int:
+        return sum(slot.nbytes for slot in self._slots.values())
+
+    def _hook_for(self, name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            plan = self._plan
+            if plan is None:
+                return None
+            x = args[0]
+            for key, scale, index in plan.groups(x.shape[0], x.device):
+                lora = self._slots[key].modules.get(name)
+                if lora is None:
+                    continue
+                if index is None:
+                    output = output + lora.delta(x) * (lora.scaling * scale)
+                else:
+                    delta = lora.delta(x.index_select(0, index)) * (lora.scaling * scale)
+                    output = output.index_add(0, index, delta.to(output.dtype))
+            return output
+
+        return hook
 
 
 def _expected_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -138,13 +227,3 @@ def _expected_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tup
         kh, kw = module.kernel_size
         return (rank, module.in_channels, kh, kw), (module.out_channels, rank, 1, 1)
     return None
-
-
-def lora_parameter_count(denoiser: nn.Module) -> int:
-    """Number of LoRA parameters held by the denoiser (for tests and memory accounting)."""
-    return sum(p.numel() for name, p in denoiser.named_parameters() if "lora_" in name) + sum(
-        b.numel() for name, b in denoiser.named_buffers() if "lora_" in name
-    )
-
-
-__all__ = ["LoraLayers", "lora_parameter_count"]
