@@ -34,6 +34,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="adapters kept loaded; the least recently used unpinned, unused one is evicted (0: no bound)",
     )
+    g.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="most images in one denoising batch; concurrent requests of one shape share it (1: off)",
+    )
     g.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
     lim = parser.add_argument_group("request limits")
     defaults = Limits()
@@ -51,6 +57,7 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
         dtype=args.dtype,
         lora_paths=list(args.lora_path),
         max_loaded_adapters=args.max_loaded_adapters,
+        max_batch_size=args.max_batch_size,
         cache_dir=args.cache_dir,
         progress_bar=progress_bar,
         limits=Limits(

@@ -29,6 +29,8 @@ class EngineConfig:
     lora_paths: list[str] = field(default_factory=list)
     # Bound on adapters in the table (0: unbounded); the LRU unpinned, unused one is evicted.
     max_loaded_adapters: int = 16
+    # Most images in one denoising batch (requests of one shape share it; 1 turns batching off).
+    max_batch_size: int = 8
     limits: Limits = field(default_factory=Limits)
     cache_dir: Path | None = None
     # Show diffusers' progress bar (offline use); the server keeps it off.

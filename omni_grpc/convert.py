@@ -76,6 +76,7 @@ def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
         ),
         num_inference_steps=result.num_inference_steps,
         guidance_scale=result.guidance_scale,
+        batch_size=result.batch_size,
     )
     if result.adapter is not None:
         a = result.adapter

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from omni_grpc.config import EngineConfig
 from omni_grpc.engine import lora_io
@@ -20,7 +21,7 @@ from omni_grpc.engine.adapters import AdapterLease, AdapterTable, LoadedAdapter,
 from omni_grpc.engine.imaging import encode_image
 from omni_grpc.engine.lora_layers import MultiLora
 from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline, run_pipeline
-from omni_grpc.engine.scheduler import Worker
+from omni_grpc.engine.scheduler import BatchItem, Worker
 from omni_grpc.engine.types import (
     AdapterInfo,
     AppliedAdapter,
@@ -47,6 +48,46 @@ class _Plan:
     steps: int
     guidance_scale: float
     seeds: list[int]
+
+
+@dataclass
+class _Work:
+    """A request as the worker sees it."""
+
+    plan: _Plan
+    adapter_key: str | None
+    scale: float
+    check: Callable[[int], None]
+    submitted: float
+    timings: Timings
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, bool]:
+        # Requests of one shape share a denoising batch; guidance scales may differ, on/off may not.
+        return (self.plan.height, self.plan.width, self.plan.steps, self.plan.guidance_scale > 1)
+
+
+@dataclass
+class _Done:
+    images: list[Any]
+    arrays: list[Any]
+    batch_images: int
+
+
+class _AllStopped(Exception):
+    """Every request of a batch was cancelled or ran out of time."""
+
+
+def _settle_if_stopped(item: BatchItem, step: int) -> bool:
+    """Fail the item's future if its request should stop; True if it did (or was already done)."""
+    if item.future.done():
+        return True
+    try:
+        item.payload.check(step)
+    except OmniError as exc:
+        item.future.set_exception(exc)
+        return True
+    return False
 
 
 class _PipelineAdapters:
@@ -76,7 +117,7 @@ class _PipelineAdapters:
 class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self._worker = Worker()
+        self._worker = Worker(self._run_batch, max_batch_size=self.config.max_batch_size)
         self._pipeline: LoadedPipeline | None = None
         self._table: AdapterTable | None = None
         self._lora: MultiLora | None = None
@@ -144,21 +185,33 @@ class Engine:
         plan: _Plan | None = None
         timings = Timings()
         outcome = "OK"
+        batch_images = 0
         try:
             plan = self._plan(request)
             if request.lora is not None:
                 self._check_scale(request.lora)
                 lease = self._adapters.acquire(request.lora)
                 timings.adapter_ms = (time.perf_counter() - arrived) * 1000
-            check = _stop_check(cancelled, deadline)
-            submitted = time.perf_counter()
-            images = self._worker.submit(lambda: self._run(plan, lease, check, submitted, timings)).result()
-            result_images = [GeneratedImage(image=img, seed=seed) for img, seed in zip(images, plan.seeds, strict=True)]
+            work = _Work(
+                plan=plan,
+                adapter_key=lease.entry.internal_name if lease is not None else None,
+                scale=lease.scale if lease is not None else 0.0,
+                check=_stop_check(cancelled, deadline),
+                submitted=time.perf_counter(),
+                timings=timings,
+            )
+            item = BatchItem(key=work.batch_key, size=len(plan.seeds), payload=work)
+            done: _Done = self._worker.submit_batchable(item).result()
+            batch_images = done.batch_images
+            result_images = [
+                GeneratedImage(image=img, seed=seed, array=arr)
+                for img, arr, seed in zip(done.images, done.arrays, plan.seeds, strict=True)
+            ]
             if request.output_format is not None:
                 encoding = time.perf_counter()
-                for item in result_images:
-                    item.data = encode_image(item.image, request.output_format)
-                    item.mime_type = request.output_format.mime_type
+                for image in result_images:
+                    image.data = encode_image(image.image, request.output_format)
+                    image.mime_type = request.output_format.mime_type
                 timings.encode_ms = (time.perf_counter() - encoding) * 1000
             timings.total_ms = (time.perf_counter() - arrived) * 1000
             applied = None
@@ -171,6 +224,7 @@ class Engine:
                 timings=timings,
                 num_inference_steps=plan.steps,
                 guidance_scale=plan.guidance_scale,
+                batch_size=batch_images,
             )
         except OmniError as exc:
             outcome = exc.code
@@ -181,7 +235,7 @@ class Engine:
         finally:
             if lease is not None:
                 lease.release()
-            self._log_request(request_id, request, plan, lease, timings, arrived, outcome)
+            self._log_request(request_id, request, plan, lease, timings, arrived, outcome, batch_images)
 
     def load_adapter(
         self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
@@ -276,37 +330,73 @@ class Engine:
                 field="lora_request.scale",
             )
 
-    def _run(
-        self,
-        plan: _Plan,
-        lease: AdapterLease | None,
-        check: Callable[[int], None],
-        submitted: float,
-        timings: Timings,
-    ) -> list:
-        """The worker's part of a request: activate the adapter, denoise, deactivate."""
+    def _run_batch(self, items: list[BatchItem]) -> None:
+        """The worker's part: one pipeline call for every request of the batch, each with its adapter."""
         started = time.perf_counter()
-        timings.queue_ms = (started - submitted) * 1000
-        check(-1)
-        key = lease.entry.internal_name if lease is not None else None
-        scale = lease.scale if lease is not None else 0.0
+        live: list[BatchItem] = []
+        for item in items:
+            work: _Work = item.payload
+            work.timings.queue_ms = (started - work.submitted) * 1000
+            if _settle_if_stopped(item, -1):
+                continue
+            live.append(item)
+        if not live:
+            return
+        samples: list[tuple[str | None, float]] = []
+        prompts: list[str] = []
+        negatives: list[str] = []
+        seeds: list[int] = []
+        guidance: list[float] = []
+        for item in live:
+            work = item.payload
+            n = len(work.plan.seeds)
+            samples += [(work.adapter_key, work.scale)] * n
+            prompts += [work.plan.prompt] * n
+            negatives += [work.plan.negative_prompt] * n
+            seeds += work.plan.seeds
+            guidance += [work.plan.guidance_scale] * n
+        used_guidance = guidance[0]
+
+        def on_step(step: int) -> None:
+            # A stopped request is answered at once; the others go on. Stop when none is left.
+            if all(item.future.done() or _settle_if_stopped(item, step) for item in live):
+                raise _AllStopped
+
         assert self._lora is not None  # set by start(), before any request is admitted
-        with self._lora.plan([(key, scale)] * len(plan.seeds)):
-            timings.adapter_ms += (time.perf_counter() - started) * 1000
+        pipeline = self.pipeline
+        with self._lora.plan(samples):
+            plan_ms = (time.perf_counter() - started) * 1000
+            if used_guidance > 1:
+                pipeline.guidance.set(guidance, used_guidance)
             denoise_start = time.perf_counter()
-            images = run_pipeline(
-                self.pipeline,
-                prompt=plan.prompt,
-                negative_prompt=plan.negative_prompt,
-                height=plan.height,
-                width=plan.width,
-                steps=plan.steps,
-                guidance_scale=plan.guidance_scale,
-                seeds=plan.seeds,
-                on_step=check,
-            )
-            timings.inference_ms = (time.perf_counter() - denoise_start) * 1000
-        return images
+            try:
+                output = run_pipeline(
+                    pipeline,
+                    prompts=prompts,
+                    negative_prompts=negatives,
+                    height=live[0].payload.plan.height,
+                    width=live[0].payload.plan.width,
+                    steps=live[0].payload.plan.steps,
+                    guidance_scale=used_guidance,
+                    seeds=seeds,
+                    on_step=on_step,
+                )
+            except _AllStopped:
+                return
+            finally:
+                pipeline.guidance.clear()
+            inference_ms = (time.perf_counter() - denoise_start) * 1000
+        offset = 0
+        for item in live:
+            work = item.payload
+            n = len(work.plan.seeds)
+            work.timings.adapter_ms += plan_ms
+            work.timings.inference_ms = inference_ms
+            if not item.future.done():
+                item.future.set_result(
+                    _Done(output.images[offset : offset + n], output.arrays[offset : offset + n], len(seeds))
+                )
+            offset += n
 
     def _log_request(
         self,
@@ -317,6 +407,7 @@ class Engine:
         timings: Timings,
         arrived: float,
         outcome: str,
+        batch_images: int,
     ) -> None:
         if lease is not None:
             adapter = f"{lease.entry.name}#{lease.entry.id}@{lease.scale:g}"
@@ -334,11 +425,12 @@ class Engine:
         level = logging.INFO if outcome in ("OK", "CANCELLED") else logging.WARNING
         log.log(
             level,
-            "generate id=%d adapter=%s %s outcome=%s queue_ms=%.1f adapter_ms=%.1f inference_ms=%.1f "
+            "generate id=%d adapter=%s %s batch=%d outcome=%s queue_ms=%.1f adapter_ms=%.1f inference_ms=%.1f "
             "encode_ms=%.1f total_ms=%.1f",
             request_id,
             adapter,
             shape,
+            batch_images,
             outcome,
             timings.queue_ms,
             timings.adapter_ms,

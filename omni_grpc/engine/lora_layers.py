@@ -69,17 +69,23 @@ class AdapterSlot:
 
 @dataclass
 class BatchPlan:
-    """The adapter (internal key or None) and scale of each sample of one pipeline call."""
+    """The adapter slot (or None) and scale of each sample of one pipeline call.
 
-    samples: Sequence[tuple[str | None, float]]
-    _groups: dict[tuple[int, torch.device], list[tuple[str, float, torch.Tensor | None]]] = field(default_factory=dict)
+    The plan holds the slots themselves, so an adapter unloaded or moved while the call runs stays
+    intact for that call.
+    """
+
+    samples: Sequence[tuple[AdapterSlot | None, float]]
+    _groups: dict[tuple[int, torch.device], list[tuple[AdapterSlot, float, torch.Tensor | None]]] = field(
+        default_factory=dict
+    )
 
     @property
     def has_adapters(self) -> bool:
-        return any(key is not None for key, _ in self.samples)
+        return any(slot is not None for slot, _ in self.samples)
 
-    def groups(self, batch: int, device: torch.device) -> list[tuple[str, float, torch.Tensor | None]]:
-        """(key, scale, row index or None for "all rows") for a denoiser batch of `batch` rows.
+    def groups(self, batch: int, device: torch.device) -> list[tuple[AdapterSlot, float, torch.Tensor | None]]:
+        """(slot, scale, row index or None for "all rows") for a denoiser batch of `batch` rows.
 
         Classifier-free guidance runs the denoiser on [uncond; cond], i.e. the samples repeated, so row
         j belongs to sample j % len(samples).
@@ -90,14 +96,14 @@ class BatchPlan:
         n = len(self.samples)
         if batch % n:
             raise RuntimeError(f"denoiser batch {batch} is not a multiple of the {n} planned samples")
-        rows: dict[tuple[str, float], list[int]] = {}
+        rows: dict[tuple[int, float], tuple[AdapterSlot, list[int]]] = {}
         for row in range(batch):
-            key, scale = self.samples[row % n]
-            if key is not None:
-                rows.setdefault((key, scale), []).append(row)
+            slot, scale = self.samples[row % n]
+            if slot is not None:
+                rows.setdefault((id(slot), scale), (slot, []))[1].append(row)
         groups = [
-            (key, scale, None if len(idx) == batch else torch.tensor(idx, device=device))
-            for (key, scale), idx in rows.items()
+            (slot, scale, None if len(idx) == batch else torch.tensor(idx, device=device))
+            for (_, scale), (slot, idx) in rows.items()
         ]
         self._groups[(batch, device)] = groups
         return groups
@@ -181,11 +187,12 @@ class MultiLora:
 
     @contextmanager
     def plan(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
-        """Run the body with these per-sample adapters; the plan never outlives the call."""
-        plan = BatchPlan(samples)
-        for key, _ in samples:
-            if key is not None and self._slots[key].device != self._device:
-                raise RuntimeError(f"adapter {key} is not on {self._device}; promote it first")
+        """Run the body with these per-sample adapters (by key); the plan never outlives the call."""
+        slots = {key: self._slots[key] for key, _ in samples if key is not None}
+        for key, slot in slots.items():
+            if slot.device != self._device:
+                raise RuntimeError(f"adapter {key} is on {slot.device}, not {self._device}; promote it first")
+        plan = BatchPlan([(slots[key] if key is not None else None, scale) for key, scale in samples])
         self._plan = plan if plan.has_adapters else None
         try:
             yield
@@ -206,8 +213,8 @@ class MultiLora:
             if plan is None:
                 return None
             x = args[0]
-            for key, scale, index in plan.groups(x.shape[0], x.device):
-                lora = self._slots[key].modules.get(name)
+            for slot, scale, index in plan.groups(x.shape[0], x.device):
+                lora = slot.modules.get(name)
                 if lora is None:
                     continue
                 if index is None:

@@ -50,6 +50,7 @@ class LoadedPipeline:
     default_guidance: float
     device: torch.device
     dtype: torch.dtype
+    guidance: PerSampleGuidance
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -128,6 +129,7 @@ def load_pipeline(
         default_guidance=float(defaults["guidance_scale"].default),
         device=dev,
         dtype=torch_dtype,
+        guidance=PerSampleGuidance(denoiser),
     )
     log.info(
         "model loaded name=%s family=%s device=%s dtype=%s default=%dx%d steps=%d",
@@ -166,19 +168,68 @@ def _from_hub(model_id: str, torch_dtype: torch.dtype) -> Any:
         ) from exc
 
 
+class PerSampleGuidance:
+    """Lets one pipeline call use a different guidance scale for each sample.
+
+    The pipelines combine the unconditional and conditional predictions as u + G * (t - u) with one G.
+    Rewriting the conditional half to u + (g_i / G) * (t - u) before that makes it u + g_i * (t - u) for
+    sample i. Samples whose g_i equals G are left untouched, so a batch of equal scales is exact.
+    """
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        self._ratios: torch.Tensor | None = None
+        denoiser.register_forward_hook(self._hook)
+
+    def set(self, scales: list[float], used: float) -> None:
+        """Per-sample guidance `scales`, for a call made with guidance_scale=`used`; clear() after."""
+        ratios = [g / used for g in scales]
+        self._ratios = None if all(r == 1.0 for r in ratios) else torch.tensor(ratios, dtype=torch.float64)
+
+    def clear(self) -> None:
+        self._ratios = None
+
+    def _hook(self, _module: nn.Module, _args: Any, output: Any) -> Any:
+        ratios = self._ratios
+        if ratios is None:
+            return None
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        n = ratios.shape[0]
+        if pred.shape[0] != 2 * n:
+            raise RuntimeError(f"expected a guided batch of {2 * n} rows, got {pred.shape[0]}")
+        uncond, cond = pred[:n], pred[n:]
+        shape = (n,) + (1,) * (pred.ndim - 1)
+        r = ratios.to(device=pred.device, dtype=pred.dtype).view(shape)
+        rewritten = torch.where(r == 1.0, cond, uncond + r * (cond - uncond))
+        new = torch.cat([uncond, rewritten])
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        output.sample = new
+        return output
+
+
+@dataclass
+class PipelineOutput:
+    images: list[PILImage.Image]
+    # The decoded images as float arrays in [0, 1] (H x W x 3), before the uint8 rounding.
+    arrays: list[Any]
+
+
 def run_pipeline(
     loaded: LoadedPipeline,
     *,
-    prompt: str,
-    negative_prompt: str,
+    prompts: list[str],
+    negative_prompts: list[str],
     height: int,
     width: int,
     steps: int,
     guidance_scale: float,
     seeds: list[int],
     on_step: OnStep,
-) -> list[PILImage.Image]:
-    """Run one request: one image per seed. `on_step` may raise to stop between steps."""
+) -> PipelineOutput:
+    """Run one pipeline call: sample i has prompts[i], negative_prompts[i] and seeds[i].
+
+    `on_step` may raise to stop between steps.
+    """
 
     def step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         on_step(step)
@@ -186,16 +237,18 @@ def run_pipeline(
 
     # CPU generators give the same latents on every device, so a seed means the same image everywhere.
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    negatives = negative_prompts if any(negative_prompts) else None
     output = loaded.pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt or None,
+        prompt=prompts,
+        negative_prompt=negatives,
         height=height,
         width=width,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
-        num_images_per_prompt=len(seeds),
+        num_images_per_prompt=1,
         generator=generators,
-        output_type="pil",
+        output_type="np",
         callback_on_step_end=step_end,
     )
-    return list(output.images)
+    arrays = list(output.images)
+    return PipelineOutput(images=loaded.pipe.image_processor.numpy_to_pil(output.images), arrays=arrays)

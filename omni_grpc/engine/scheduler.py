@@ -1,63 +1,126 @@
-"""The worker: one thread that owns the pipeline and runs every job that touches it, in order.
+"""The worker: one thread that owns the pipeline and runs every job that touches it.
 
-Running all pipeline and LoRA-layer work on one thread keeps the model free of locks and keeps the
-server's I/O threads free: callers submit a job and wait on its future.
+Plain jobs (model load, attach, detach, tier moves) run one at a time in arrival order. Batchable jobs
+(generate requests) that share a batch key are run together: the worker takes the oldest job in the
+queue and adds every queued job with the same key, oldest first, up to `max_batch_size` samples. The
+oldest job always goes next, so no request waits behind a stream of other shapes; and nothing waits for
+company: a lone request starts at once.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from omni_grpc.errors import Unavailable
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-_STOP = object()
+
+
+@dataclass
+class BatchItem:
+    """One batchable job; `run_batch` settles its future."""
+
+    key: Hashable
+    size: int
+    payload: Any
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    future: Future
+
+
+RunBatch = Callable[[list[BatchItem]], None]
 
 
 class Worker:
-    def __init__(self, name: str = "omni-worker") -> None:
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    def __init__(self, run_batch: RunBatch | None = None, max_batch_size: int = 1, name: str = "omni-worker") -> None:
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self._queue: collections.deque[_Job | BatchItem] = collections.deque()
+        self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
-        """Queue a job; its future carries the result or the exception."""
-        future: Future[T] = Future()
-        if self._closed:
-            future.set_exception(Unavailable("the engine is shutting down"))
-            return future
-        self._jobs.put((fn, future))
-        return future
+        """Queue a plain job; its future carries the result or the exception."""
+        job = _Job(fn, Future())
+        self._put(job)
+        return job.future
+
+    def submit_batchable(self, item: BatchItem) -> Future:
+        self._put(item)
+        return item.future
 
     def call(self, fn: Callable[[], T]) -> T:
-        """Run a job on the worker and wait for it (inline when already on the worker)."""
+        """Run a plain job on the worker and wait for it (inline when already on the worker)."""
         if threading.current_thread() is self._thread:
             return fn()
         return self.submit(fn).result()
 
+    @property
+    def queued(self) -> int:
+        with self._ready:
+            return len(self._queue)
+
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued jobs, then stop."""
-        if not self._closed:
+        with self._ready:
             self._closed = True
-            self._jobs.put(_STOP)
+            self._ready.notify_all()
         self._thread.join(timeout)
 
-    def _loop(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is _STOP:
+    def _put(self, item: _Job | BatchItem) -> None:
+        with self._ready:
+            if self._closed:
+                item.future.set_exception(Unavailable("the engine is shutting down"))
                 return
-            fn, future = item
-            if not future.set_running_or_notify_cancel():
+            self._queue.append(item)
+            self._ready.notify()
+
+    def _take(self) -> _Job | list[BatchItem] | None:
+        with self._ready:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._ready.wait()
+            head = self._queue.popleft()
+            if isinstance(head, _Job):
+                return head
+            batch, size = [head], head.size
+            for item in list(self._queue):
+                if size >= self.max_batch_size:
+                    break
+                if isinstance(item, BatchItem) and item.key == head.key and size + item.size <= self.max_batch_size:
+                    self._queue.remove(item)
+                    batch.append(item)
+                    size += item.size
+            return batch
+
+    def _loop(self) -> None:
+        while (work := self._take()) is not None:
+            if isinstance(work, _Job):
+                if work.future.set_running_or_notify_cancel():
+                    try:
+                        work.future.set_result(work.fn())
+                    except BaseException as exc:  # noqa: BLE001 - the caller re-raises it
+                        work.future.set_exception(exc)
                 continue
             try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - the caller re-raises it
-                future.set_exception(exc)
+                assert self.run_batch is not None, "batchable job submitted without a batch runner"
+                self.run_batch(work)
+            except Exception as exc:  # fail every request of the batch, keep serving
+                log.exception("batch of %d failed", len(work))
+                for item in work:
+                    if not item.future.done():
+                        item.future.set_exception(exc)

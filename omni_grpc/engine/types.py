@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omni_grpc.errors import InvalidArgument
 
@@ -92,6 +92,8 @@ class Timings:
 class GeneratedImage:
     image: PILImage.Image
     seed: int
+    # The decoded image as floats in [0, 1] (H x W x 3), before rounding to 8 bits.
+    array: Any = None
     # The encoded bytes, when the request asked for an output format.
     data: bytes | None = None
     mime_type: str | None = None
@@ -120,6 +122,8 @@ class GenerateResult:
     timings: Timings
     num_inference_steps: int
     guidance_scale: float
+    # Images in the denoising batch this request ran in (its own included).
+    batch_size: int = 1
 
 
 @dataclass
