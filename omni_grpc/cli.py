@@ -31,8 +31,20 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-loaded-adapters",
         type=int,
-        default=16,
-        help="adapters kept loaded; the least recently used unpinned, unused one is evicted (0: no bound)",
+        default=1024,
+        help="adapters in the table, any tier; the least recently used unpinned, unused one is evicted (0: no bound)",
+    )
+    g.add_argument(
+        "--max-device-adapters",
+        type=int,
+        default=64,
+        help="adapters whose tensors stay on the device (0: no bound); the least recently used move to host",
+    )
+    g.add_argument(
+        "--max-host-adapters",
+        type=int,
+        default=256,
+        help="adapters kept in host memory; beyond, the least recently used are dropped and re-read from disk",
     )
     g.add_argument(
         "--max-batch-size",
@@ -57,6 +69,8 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
         dtype=args.dtype,
         lora_paths=list(args.lora_path),
         max_loaded_adapters=args.max_loaded_adapters,
+        max_device_adapters=args.max_device_adapters,
+        max_host_adapters=args.max_host_adapters,
         max_batch_size=args.max_batch_size,
         cache_dir=args.cache_dir,
         progress_bar=progress_bar,

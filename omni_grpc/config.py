@@ -27,8 +27,11 @@ class EngineConfig:
     dtype: str = "auto"
     # Pre-loaded, pinned adapters: "PATH" or "NAME=PATH".
     lora_paths: list[str] = field(default_factory=list)
-    # Bound on adapters in the table (0: unbounded); the LRU unpinned, unused one is evicted.
-    max_loaded_adapters: int = 16
+    # Bound on adapters in the table, in any tier (0: unbounded); the LRU unpinned, unused one is evicted.
+    max_loaded_adapters: int = 1024
+    # Adapters whose tensors stay on the device (0: unbounded), then in host memory; beyond, on disk only.
+    max_device_adapters: int = 64
+    max_host_adapters: int = 256
     # Most images in one denoising batch (requests of one shape share it; 1 turns batching off).
     max_batch_size: int = 8
     limits: Limits = field(default_factory=Limits)

@@ -20,6 +20,7 @@ _OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_JPEG: OutputFormat.JPEG,
     pb.OUTPUT_FORMAT_WEBP: OutputFormat.WEBP,
 }
+_TIERS = {"device": pb.ADAPTER_TIER_DEVICE, "host": pb.ADAPTER_TIER_HOST, "disk": pb.ADAPTER_TIER_DISK}
 _ADAPTER_FORMATS = {AdapterFormat.PEFT: pb.ADAPTER_FORMAT_PEFT, AdapterFormat.DIFFUSERS: pb.ADAPTER_FORMAT_DIFFUSERS}
 
 
@@ -100,6 +101,10 @@ def adapter_to_pb(info: AdapterInfo) -> pb.Adapter:
         loads=info.loads,
         format=_ADAPTER_FORMATS[info.format],
         num_layers=info.num_layers,
+        tier=_TIERS[info.tier],
+        hits=info.hits,
+        promotions=info.promotions,
+        evictions=info.evictions,
     )
 
 

@@ -25,7 +25,7 @@ class Omni:
         *,
         device: str | None = None,
         dtype: str = "auto",
-        max_loaded_adapters: int = 16,
+        max_loaded_adapters: int = 1024,
         progress_bar: bool = True,
         config: EngineConfig | None = None,
     ) -> None:

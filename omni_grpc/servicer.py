@@ -95,8 +95,12 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
     ) -> pb.ListAdaptersResponse:
         def work() -> pb.ListAdaptersResponse:
             adapters = [convert.adapter_to_pb(info) for info in self._engine.list_adapters()]
+            config = self._engine.config
             return pb.ListAdaptersResponse(
-                adapters=adapters, max_loaded_adapters=self._engine.config.max_loaded_adapters
+                adapters=adapters,
+                max_loaded_adapters=config.max_loaded_adapters,
+                max_device_adapters=config.max_device_adapters,
+                max_host_adapters=config.max_host_adapters,
             )
 
         return await self._call(work, context)

@@ -154,6 +154,7 @@ def test_preloaded_by_name_id_and_path_without_reload(server: ServerProcess, pre
     assert by_name == by_id == by_path
     after = {a.name: a for a in server.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}["pre"]
     assert after.loads == 1 and after.use_count >= pre.use_count + 3 and after.in_use == 0
+    assert after.tier == pb.ADAPTER_TIER_DEVICE and after.hits >= pre.hits + 3 and after.evictions == 0
 
 
 def _field_violation(error: grpc.RpcError) -> str | None:

@@ -7,10 +7,17 @@ worker that owns the pipeline), always outside the lock so slow loads never bloc
 A request holds its adapter (`in_use`) from admission to its last denoising step: eviction skips held
 adapters, and unloading a held adapter removes it from the table at once but detaches it only when the
 last holder releases it.
+
+Tiers: an adapter's tensors live on the device (ready for requests) up to `max_device`, in host memory
+up to `max_host`, and beyond that only on disk (the table keeps its metadata and re-reads the file when a
+request needs it). The least recently used adapters move down; pinned and held ones never do. Every
+move is counted per adapter (hits, loads, promotions, evictions). Keeping the tier counts up to date
+makes a hit O(1), whatever the number of adapters.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import os
@@ -53,6 +60,12 @@ def parse_lora_spec(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+class Tier(enum.Enum):
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
 @dataclass(frozen=True)
 class LoadedAdapter:
     """What the backend reports about an adapter it read and attached."""
@@ -67,10 +80,13 @@ class LoadedAdapter:
 
 class AdapterBackend(Protocol):
     def load(self, path: str, internal_name: str) -> LoadedAdapter:
-        """Read, validate and attach the adapter; raise an OmniError on failure."""
+        """Read, validate and attach the adapter on the device; raise an OmniError on failure."""
 
-    def unload(self, internal_name: str) -> None:
-        """Detach the adapter and free its memory."""
+    def unload(self, internal_name: str, *, wait: bool = True) -> None:
+        """Detach the adapter and free its memory (when `wait`, before returning)."""
+
+    def move(self, internal_name: str, tier: Tier) -> None:
+        """Move an attached adapter's tensors to the device or to host memory."""
 
 
 @dataclass
@@ -87,6 +103,12 @@ class AdapterEntry:
     in_use: int = 0
     loads: int = 1
     retired: bool = False
+    tier: Tier = Tier.DEVICE
+    hits: int = 0
+    promotions: int = 0
+    evictions: int = 0
+    # Held while the entry's tensors move between tiers; taken before the table lock, never after.
+    move_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def info(self) -> AdapterInfo:
         return AdapterInfo(
@@ -104,6 +126,10 @@ class AdapterEntry:
             in_use=self.in_use,
             loads=self.loads,
             num_layers=self.loaded.num_layers,
+            tier=self.tier.value,
+            hits=self.hits,
+            promotions=self.promotions,
+            evictions=self.evictions,
         )
 
 
@@ -131,9 +157,12 @@ class AdapterLease:
 
 
 class AdapterTable:
-    def __init__(self, backend: AdapterBackend, max_loaded: int = 0) -> None:
+    def __init__(self, backend: AdapterBackend, max_loaded: int = 0, max_device: int = 0, max_host: int = 0) -> None:
         self._backend = backend
-        self.max_loaded = max_loaded  # 0: unbounded
+        self.max_loaded = max_loaded  # entries in the table; 0: unbounded
+        self.max_device = max_device  # adapters with tensors on the device; 0: unbounded
+        self.max_host = max_host  # adapters with tensors in host memory
+        self._tier_counts = dict.fromkeys(Tier, 0)
         self._lock = threading.Lock()
         self._by_id: OrderedDict[int, AdapterEntry] = OrderedDict()  # LRU order: least recent first
         self._by_name: dict[str, AdapterEntry] = {}
@@ -152,16 +181,30 @@ class AdapterTable:
         return entry.info(), newly
 
     def acquire(self, lora: LoraRequest) -> AdapterLease:
-        """Find or load the adapter a request names, and hold it until the lease is released."""
+        """Find or load the adapter a request names, bring it to the device, and hold it there until the
+        lease is released."""
         if lora.path:
-            entry, _ = self._load(lora.path, lora.name or None, lora.id, pin=False, hold=True)
-            return AdapterLease(self, entry, lora.scale)
-        if not lora.name and lora.id is None:
+            entry, newly = self._load(lora.path, lora.name or None, lora.id, pin=False, hold=True)
+        elif not lora.name and lora.id is None:
             raise InvalidArgument("lora_request needs a path, a name or an id", field="lora_request")
+        else:
+            with self._lock:
+                entry = self._lookup_locked(lora.id, lora.name or None)
+                self._hold_locked(entry)
+            newly = False
+        lease = AdapterLease(self, entry, lora.scale)
+        if not newly:
+            try:
+                self._bring_to_device(entry)
+            except BaseException:
+                lease.release()
+                raise
+        self._rebalance()
+        return lease
+
+    def tier_counts(self) -> dict[str, int]:
         with self._lock:
-            entry = self._lookup_locked(lora.id, lora.name or None)
-            self._hold_locked(entry)
-        return AdapterLease(self, entry, lora.scale)
+            return {tier.value: count for tier, count in self._tier_counts.items()}
 
     def unload(self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None) -> AdapterInfo:
         """Remove an adapter. Held adapters finish their requests first, then are detached."""
@@ -177,7 +220,7 @@ class AdapterTable:
             if not detach_now:
                 entry.retired = True
             info = entry.info()
-        if detach_now:
+        if detach_now and entry.tier is not Tier.DISK:
             self._backend.unload(entry.internal_name)
         log.info(
             "adapter unloaded id=%d name=%s in_use=%d%s",
@@ -240,8 +283,9 @@ class AdapterTable:
                     pending = _Pending(new_id, new_name, explicit_name=name is not None)
                     self._pending[norm] = pending
             if victim is not None:
-                log.info("adapter evicted (least recently used) id=%d name=%s", victim.id, victim.name)
-                self._backend.unload(victim.internal_name)
+                log.info("adapter evicted from the table (--max-loaded-adapters) id=%d name=%s", victim.id, victim.name)
+                if victim.tier is not Tier.DISK:
+                    self._backend.unload(victim.internal_name, wait=False)
             if owner:
                 return self._read_and_register(norm, pending, pin=pin, hold=hold), True
             entry = pending.done.result()  # re-raises the loader's error for every waiter
@@ -283,10 +327,13 @@ class AdapterTable:
             self._by_id[entry.id] = entry
             self._by_name[entry.name] = entry
             self._by_path[norm] = entry
+            self._tier_counts[Tier.DEVICE] += 1
             del self._pending[norm]
             if hold:
                 self._hold_locked(entry)
         pending.done.set_result(entry)
+        if not hold:
+            self._rebalance()
         log.info(
             "adapter loaded id=%d name=%s path=%s format=%s rank=%d alpha=%g layers=%d bytes=%d pinned=%s ms=%.1f",
             entry.id,
@@ -307,7 +354,79 @@ class AdapterTable:
             entry.in_use -= 1
             detach = entry.retired and entry.in_use == 0
         if detach:
-            self._backend.unload(entry.internal_name)
+            # Not waited for: the last holder may be a cancelled request whose batch still runs.
+            self._backend.unload(entry.internal_name, wait=False)
+
+    def _bring_to_device(self, entry: AdapterEntry) -> None:
+        """Make a held entry's tensors ready on the device: a hit, a promotion or a read from disk."""
+        with entry.move_lock:
+            with self._lock:
+                tier = entry.tier
+                if tier is Tier.DEVICE:
+                    entry.hits += 1
+                    return
+            if tier is Tier.HOST:
+                self._backend.move(entry.internal_name, Tier.DEVICE)
+            else:
+                self._backend.load(entry.path, entry.internal_name)
+            with self._lock:
+                if tier is Tier.HOST:
+                    entry.promotions += 1
+                else:
+                    entry.loads = self._loads_by_path[entry.path] = self._loads_by_path.get(entry.path, 0) + 1
+                self._set_tier_locked(entry, Tier.DEVICE)
+            log.info(
+                "adapter %s id=%d name=%s",
+                "promoted to the device" if tier is Tier.HOST else "re-read from disk",
+                entry.id,
+                entry.name,
+            )
+
+    def _rebalance(self) -> None:
+        """Move least recently used adapters down until every tier is within its bound."""
+        skipped: set[int] = set()
+        while True:
+            with self._lock:
+                victim, target = self._pick_victim_locked(skipped)
+            if victim is None:
+                return
+            if not victim.move_lock.acquire(blocking=False):  # someone is promoting it right now
+                skipped.add(victim.id)
+                continue
+            try:
+                with self._lock:
+                    registered = self._by_id.get(victim.id) is victim
+                    if not registered or victim.in_use or victim.pinned or victim.tier is target:
+                        skipped.add(victim.id)
+                        continue
+                if target is Tier.HOST:
+                    self._backend.move(victim.internal_name, Tier.HOST)
+                else:
+                    self._backend.unload(victim.internal_name)
+                with self._lock:
+                    self._set_tier_locked(victim, target)
+                    victim.evictions += 1
+                log.info("adapter moved down to %s id=%d name=%s", target.value, victim.id, victim.name)
+            finally:
+                victim.move_lock.release()
+
+    def _pick_victim_locked(self, skipped: set[int]) -> tuple[AdapterEntry | None, Tier]:
+        moves: list[tuple[Tier, Tier]] = []
+        if self.max_device and self._tier_counts[Tier.DEVICE] > self.max_device:
+            moves.append((Tier.DEVICE, Tier.HOST if self.max_host else Tier.DISK))
+        if self._tier_counts[Tier.HOST] > self.max_host:
+            moves.append((Tier.HOST, Tier.DISK))
+        for source, target in moves:
+            for entry in self._by_id.values():  # least recently used first
+                if entry.tier is source and not entry.pinned and entry.in_use == 0 and entry.id not in skipped:
+                    return entry, target
+        # Everything over a bound is pinned or held by a request: the bound is exceeded until they free up.
+        return None, Tier.DISK
+
+    def _set_tier_locked(self, entry: AdapterEntry, tier: Tier) -> None:
+        self._tier_counts[entry.tier] -= 1
+        self._tier_counts[tier] += 1
+        entry.tier = tier
 
     def _hold_locked(self, entry: AdapterEntry) -> None:
         entry.in_use += 1
@@ -379,3 +498,4 @@ class AdapterTable:
         del self._by_id[entry.id]
         del self._by_name[entry.name]
         del self._by_path[entry.path]
+        self._tier_counts[entry.tier] -= 1

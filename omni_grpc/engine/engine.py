@@ -17,7 +17,7 @@ from typing import Any
 
 from omni_grpc.config import EngineConfig
 from omni_grpc.engine import lora_io
-from omni_grpc.engine.adapters import AdapterLease, AdapterTable, LoadedAdapter, parse_lora_spec
+from omni_grpc.engine.adapters import AdapterLease, AdapterTable, LoadedAdapter, Tier, parse_lora_spec
 from omni_grpc.engine.imaging import encode_image
 from omni_grpc.engine.lora_layers import MultiLora
 from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline, run_pipeline
@@ -110,8 +110,14 @@ class _PipelineAdapters:
             num_layers=num_layers,
         )
 
-    def unload(self, internal_name: str) -> None:
-        self._worker.call(lambda: self._lora.detach(internal_name))
+    def unload(self, internal_name: str, *, wait: bool = True) -> None:
+        future = self._worker.submit(lambda: self._lora.detach(internal_name))
+        if wait:
+            future.result()
+
+    def move(self, internal_name: str, tier: Tier) -> None:
+        device = self._lora.device if tier is Tier.DEVICE else self._lora.host_device
+        self._worker.call(lambda: self._lora.move(internal_name, device))
 
 
 class Engine:
@@ -136,7 +142,12 @@ class Engine:
         )
         pipeline = self._pipeline
         self._lora = MultiLora(pipeline.denoiser, pipeline.device, pipeline.dtype)
-        self._table = AdapterTable(_PipelineAdapters(self._worker, self._lora), max_loaded=cfg.max_loaded_adapters)
+        self._table = AdapterTable(
+            _PipelineAdapters(self._worker, self._lora),
+            max_loaded=cfg.max_loaded_adapters,
+            max_device=cfg.max_device_adapters,
+            max_host=cfg.max_host_adapters,
+        )
         for spec in cfg.lora_paths:
             name, path = parse_lora_spec(spec)
             self._table.load(path, name=name, pin=True)
@@ -251,6 +262,10 @@ class Engine:
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self._adapters.list()
+
+    def tier_counts(self) -> dict[str, int]:
+        """Adapters per tier ("device", "host", "disk")."""
+        return self._adapters.tier_counts()
 
     # ---- internals ------------------------------------------------------------------------------
 

@@ -115,6 +115,8 @@ class MultiLora:
     def __init__(self, denoiser: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         self._denoiser = denoiser
         self._device = device
+        # The host tier; on a CPU-only machine it is the same memory as the device tier.
+        self.host_device = torch.device("cpu")
         self._dtype = dtype
         self._slots: dict[str, AdapterSlot] = {}
         self._hooked: set[str] = set()
@@ -178,9 +180,20 @@ class MultiLora:
         """Forget the adapter; its tensors are freed with the slot."""
         self._slots.pop(key, None)
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     def move(self, key: str, device: torch.device) -> None:
         """Move an attached adapter's tensors to another device (a tier move)."""
-        self._slots[key] = self._slots[key].to(device)
+        slot = self._slots[key].to(device)
+        if device.type == "cpu" and self._device.type == "cuda":
+            # Page-locked host memory makes the promotion back to the GPU a fast async copy.
+            slot = AdapterSlot(
+                {n: ModuleLora(m.a.pin_memory(), m.b.pin_memory(), m.scaling, m.conv) for n, m in slot.modules.items()},
+                device,
+            )
+        self._slots[key] = slot
 
     def device_of(self, key: str) -> torch.device:
         return self._slots[key].device

@@ -144,3 +144,8 @@ class AdapterInfo:
     in_use: int
     loads: int
     num_layers: int
+    # Where its tensors are: "device", "host" or "disk"; and how it got there.
+    tier: str = "device"
+    hits: int = 0
+    promotions: int = 0
+    evictions: int = 0

@@ -19,6 +19,13 @@ class AdapterFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_FORMAT_UNSPECIFIED: _ClassVar[AdapterFormat]
     ADAPTER_FORMAT_PEFT: _ClassVar[AdapterFormat]
     ADAPTER_FORMAT_DIFFUSERS: _ClassVar[AdapterFormat]
+
+class AdapterTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ADAPTER_TIER_UNSPECIFIED: _ClassVar[AdapterTier]
+    ADAPTER_TIER_DEVICE: _ClassVar[AdapterTier]
+    ADAPTER_TIER_HOST: _ClassVar[AdapterTier]
+    ADAPTER_TIER_DISK: _ClassVar[AdapterTier]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_JPEG: OutputFormat
@@ -26,6 +33,10 @@ OUTPUT_FORMAT_WEBP: OutputFormat
 ADAPTER_FORMAT_UNSPECIFIED: AdapterFormat
 ADAPTER_FORMAT_PEFT: AdapterFormat
 ADAPTER_FORMAT_DIFFUSERS: AdapterFormat
+ADAPTER_TIER_UNSPECIFIED: AdapterTier
+ADAPTER_TIER_DEVICE: AdapterTier
+ADAPTER_TIER_HOST: AdapterTier
+ADAPTER_TIER_DISK: AdapterTier
 
 class SamplingParams(_message.Message):
     __slots__ = ("height", "width", "num_inference_steps", "guidance_scale", "seed", "num_images")
@@ -126,7 +137,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., adapter: _Optional[_Union[AppliedAdapter, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Adapter(_message.Message):
-    __slots__ = ("id", "name", "path", "rank", "alpha", "target_modules", "pinned", "size_bytes", "load_time_ms", "use_count", "in_use", "loads", "format", "num_layers")
+    __slots__ = ("id", "name", "path", "rank", "alpha", "target_modules", "pinned", "size_bytes", "load_time_ms", "use_count", "in_use", "loads", "format", "num_layers", "tier", "hits", "promotions", "evictions")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +152,10 @@ class Adapter(_message.Message):
     LOADS_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     path: str
@@ -155,7 +170,11 @@ class Adapter(_message.Message):
     loads: int
     format: AdapterFormat
     num_layers: int
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., load_time_ms: _Optional[float] = ..., use_count: _Optional[int] = ..., in_use: _Optional[int] = ..., loads: _Optional[int] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    tier: AdapterTier
+    hits: int
+    promotions: int
+    evictions: int
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., pinned: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., load_time_ms: _Optional[float] = ..., use_count: _Optional[int] = ..., in_use: _Optional[int] = ..., loads: _Optional[int] = ..., format: _Optional[_Union[AdapterFormat, str]] = ..., num_layers: _Optional[int] = ..., tier: _Optional[_Union[AdapterTier, str]] = ..., hits: _Optional[int] = ..., promotions: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("path", "name", "id", "pin")
@@ -198,9 +217,13 @@ class ListAdaptersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters", "max_loaded_adapters")
+    __slots__ = ("adapters", "max_loaded_adapters", "max_device_adapters", "max_host_adapters")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     MAX_LOADED_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEVICE_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[Adapter]
     max_loaded_adapters: int
-    def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ..., max_loaded_adapters: _Optional[int] = ...) -> None: ...
+    max_device_adapters: int
+    max_host_adapters: int
+    def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ..., max_loaded_adapters: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ...) -> None: ...

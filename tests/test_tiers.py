@@ -1,0 +1,132 @@
+"""Adapter tiers: device up to a bound, host memory up to a larger one, disk beyond; every move counted."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from omni_grpc.config import EngineConfig
+from omni_grpc.engine.engine import Engine
+from omni_grpc.engine.types import AdapterInfo, GenerateRequest, LoraRequest, SamplingParams
+
+MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v")
+
+
+def write_adapter(folder: Path, seed: int, rank: int = 2) -> Path:
+    """A PEFT-format folder, written the way peft writes one (keys, config), without building a model."""
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module in MODULES:  # the default model: 32 features in and out
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, 32, generator=gen) * 0.3
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(32, rank, generator=gen) * 0.3
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["to_q", "to_v"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture
+def engine(cache_root: Path) -> Iterator[Engine]:
+    eng = Engine(
+        EngineConfig(cache_dir=cache_root, max_loaded_adapters=0, max_device_adapters=2, max_host_adapters=3)
+    ).start()
+    yield eng
+    eng.close()
+
+
+def use(engine: Engine, path: Path | str, **lora) -> None:
+    """Admit a request for the adapter and end it (the table's part of a request, without denoising)."""
+    engine._adapters.acquire(LoraRequest(path=str(path), **lora)).release()
+
+
+def table(engine: Engine) -> dict[str, AdapterInfo]:
+    return {a.name: a for a in engine.list_adapters()}
+
+
+def tiers(engine: Engine) -> dict[str, str]:
+    return {name: info.tier for name, info in sorted(table(engine).items())}
+
+
+def image(engine: Engine, name: str | None) -> np.ndarray:
+    lora = LoraRequest(name=name) if name else None
+    sampling = SamplingParams(height=32, width=32, num_inference_steps=2, seed=3)
+    return engine.generate(GenerateRequest(prompt="tiers", sampling=sampling, lora=lora)).images[0].array
+
+
+def test_lru_moves_down_device_host_disk_and_back(engine: Engine, tmp_path: Path) -> None:
+    paths = {name: write_adapter(tmp_path / name, seed) for seed, name in enumerate("abcdef")}
+    for name in "abcdef":
+        use(engine, paths[name])
+    assert tiers(engine) == {"a": "disk", "b": "host", "c": "host", "d": "host", "e": "device", "f": "device"}
+    assert engine.tier_counts() == {"device": 2, "host": 3, "disk": 1}
+    info = table(engine)
+    assert (info["a"].evictions, info["b"].evictions, info["f"].evictions) == (2, 1, 0)
+    assert all(i.loads == 1 and i.hits == 0 for i in info.values())
+
+    use(engine, paths["f"])  # on the device: a hit
+    use(engine, paths["c"])  # in host memory: a promotion; e (LRU on the device) moves to host
+    use(engine, paths["a"])  # on disk: read again; f (LRU on the device) to host, so b (LRU in host) to disk
+    info = table(engine)
+    assert (info["f"].hits, info["c"].promotions, info["a"].loads) == (1, 1, 2)
+    assert tiers(engine) == {"a": "device", "b": "disk", "c": "device", "d": "host", "e": "host", "f": "host"}
+    assert engine.lora.resident_bytes() == 5 * info["a"].size_bytes  # 2 on the device + 3 in host memory
+
+
+def test_results_survive_the_round_trip_through_disk(engine: Engine, tmp_path: Path) -> None:
+    paths = [write_adapter(tmp_path / f"r{i}", i) for i in range(7)]
+    engine.load_adapter(str(paths[0]))
+    first = image(engine, "r0")
+    assert np.abs(first - image(engine, None)).mean() > 1e-4
+    for path in paths[1:]:
+        use(engine, path)
+    assert table(engine)["r0"].tier == "disk"
+    assert np.array_equal(image(engine, "r0"), first)
+    assert table(engine)["r0"].loads == 2
+
+
+def test_pinned_and_held_adapters_never_move_down(engine: Engine, tmp_path: Path) -> None:
+    pinned = write_adapter(tmp_path / "pinned", 100)
+    held = write_adapter(tmp_path / "held", 101)
+    engine.load_adapter(str(pinned), pin=True)
+    lease = engine._adapters.acquire(LoraRequest(path=str(held)))
+    try:
+        for i in range(12):
+            use(engine, write_adapter(tmp_path / f"churn{i}", i))
+        info = table(engine)
+        assert (info["pinned"].tier, info["pinned"].evictions) == ("device", 0)
+        assert (info["held"].tier, info["held"].evictions) == ("device", 0)
+    finally:
+        lease.release()
+    use(engine, write_adapter(tmp_path / "one-more", 999))
+    assert table(engine)["held"].tier != "device"  # free again, it is the LRU one now
+    assert table(engine)["pinned"].tier == "device"
+
+
+def test_thousand_adapters_ten_thousand_requests_memory_bounded(engine: Engine, tmp_path: Path) -> None:
+    paths = [write_adapter(tmp_path / f"m{i:04d}", i) for i in range(1000)]
+    for path in paths:
+        engine.load_adapter(str(path))
+    process = psutil.Process()
+    start_rss = process.memory_info().rss
+    rng = random.Random(0)
+    for _ in range(10_000):
+        use(engine, rng.choice(paths), scale=rng.uniform(0.2, 1.5))
+    counts = engine.tier_counts()
+    assert counts == {"device": 2, "host": 3, "disk": 995}
+    one = table(engine)["m0000"].size_bytes
+    assert engine.lora.resident_bytes() == 5 * one
+    assert len(engine.lora._slots) == 5
+    growth_mib = (process.memory_info().rss - start_rss) / 2**20
+    print(f"\n1000 adapters, 10000 requests: RSS growth {growth_mib:.1f} MiB, resident adapters {counts}")
+    assert growth_mib < 64, f"resident memory grew by {growth_mib:.1f} MiB"
+    total = sum(i.use_count for i in engine.list_adapters())
+    assert total == 10_000
