@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and log it)")
     net.add_argument("--grace-period", type=float, default=30.0, help="seconds running requests get on shutdown")
     net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    bench = sub.add_parser("bench", help="measure throughput and adapter costs against plain diffusers")
+    from omni_grpc.bench.run import add_flags
+
+    add_flags(bench)
+    bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
@@ -117,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             grace_period=args.grace_period,
         )
         return asyncio.run(serve(config))
+    if args.command == "bench":
+        from omni_grpc.bench.run import run
+
+        return run(args)
     return 2
 
 

@@ -51,10 +51,10 @@ class Omni:
         params = sampling_params or SamplingParams()
         lora = LoraRequest.coerce(params.lora_request)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return [
-            self.engine.generate(GenerateRequest(prompt=p, negative_prompt=negative_prompt, sampling=params, lora=lora))
-            for p in prompts
-        ]
+        # Queued together, the prompts share denoising batches (up to max_batch_size images).
+        return self.engine.generate_many(
+            [GenerateRequest(prompt=p, negative_prompt=negative_prompt, sampling=params, lora=lora) for p in prompts]
+        )
 
     def load_adapter(self, path: str, *, name: str | None = None, pin: bool = False) -> AdapterInfo:
         return self.engine.load_adapter(path, name=name, pin=pin)[0]

@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omni_grpc.config import EngineConfig
@@ -65,6 +65,22 @@ class _Work:
     def batch_key(self) -> tuple[int, int, int, bool]:
         # Requests of one shape share a denoising batch; guidance scales may differ, on/off may not.
         return (self.plan.height, self.plan.width, self.plan.steps, self.plan.guidance_scale > 1)
+
+
+@dataclass
+class _Admission:
+    """One request from arrival to its log line."""
+
+    request_id: int
+    request: GenerateRequest
+    arrived: float = field(default_factory=time.perf_counter)
+    timings: Timings = field(default_factory=Timings)
+    plan: _Plan | None = None
+    lease: AdapterLease | None = None
+    item: BatchItem | None = None
+    # NOT_RUN until it succeeds or fails (a batch mate's error can stop it from being waited for).
+    outcome: str = "NOT_RUN"
+    batch_images: int = 0
 
 
 @dataclass
@@ -190,63 +206,88 @@ class Engine:
         deadline: float | None = None,
     ) -> GenerateResult:
         """Run one request. `cancelled` is polled between steps; `deadline` is a time.monotonic() value."""
-        arrived = time.perf_counter()
-        request_id = next(self._request_ids)
-        lease: AdapterLease | None = None
-        plan: _Plan | None = None
-        timings = Timings()
-        outcome = "OK"
-        batch_images = 0
+        return self.generate_many([request], cancelled=cancelled, deadline=deadline)[0]
+
+    def generate_many(
+        self,
+        requests: list[GenerateRequest],
+        *,
+        cancelled: Callable[[], bool] | None = None,
+        deadline: float | None = None,
+    ) -> list[GenerateResult]:
+        """Run several requests, queued together so that those of one shape share a denoising batch.
+
+        Raises the first request's error, if any.
+        """
+        admissions = [_Admission(next(self._request_ids), request) for request in requests]
         try:
-            plan = self._plan(request)
+            for admission in admissions:
+                self._admit(admission, _stop_check(cancelled, deadline))
+            self._worker.submit_batchables([a.item for a in admissions if a.item is not None])
+            return [self._finish(admission) for admission in admissions]
+        finally:
+            for admission in admissions:
+                if admission.lease is not None:
+                    admission.lease.release()
+                self._log_request(admission)
+
+    def _admit(self, admission: _Admission, check: Callable[[int], None]) -> None:
+        """Validate, fill in defaults and hold the adapter on the device; then the request can queue."""
+        request = admission.request
+        try:
+            admission.plan = plan = self._plan(request)
             if request.lora is not None:
                 self._check_scale(request.lora)
-                lease = self._adapters.acquire(request.lora)
-                timings.adapter_ms = (time.perf_counter() - arrived) * 1000
+                admission.lease = self._adapters.acquire(request.lora)
+                admission.timings.adapter_ms = (time.perf_counter() - admission.arrived) * 1000
+            lease = admission.lease
             work = _Work(
                 plan=plan,
                 adapter_key=lease.entry.internal_name if lease is not None else None,
                 scale=lease.scale if lease is not None else 0.0,
-                check=_stop_check(cancelled, deadline),
+                check=check,
                 submitted=time.perf_counter(),
-                timings=timings,
+                timings=admission.timings,
             )
-            item = BatchItem(key=work.batch_key, size=len(plan.seeds), payload=work)
-            done: _Done = self._worker.submit_batchable(item).result()
-            batch_images = done.batch_images
-            result_images = [
+            admission.item = BatchItem(key=work.batch_key, size=len(plan.seeds), payload=work)
+        except BaseException as exc:
+            admission.outcome = exc.code if isinstance(exc, OmniError) else "INTERNAL"
+            raise
+
+    def _finish(self, admission: _Admission) -> GenerateResult:
+        """Wait for the request's images and encode them."""
+        request, plan, timings = admission.request, admission.plan, admission.timings
+        assert admission.item is not None and plan is not None
+        try:
+            done: _Done = admission.item.future.result()
+            admission.batch_images = done.batch_images
+            images = [
                 GeneratedImage(image=img, seed=seed, array=arr)
                 for img, arr, seed in zip(done.images, done.arrays, plan.seeds, strict=True)
             ]
             if request.output_format is not None:
                 encoding = time.perf_counter()
-                for image in result_images:
+                for image in images:
                     image.data = encode_image(image.image, request.output_format)
                     image.mime_type = request.output_format.mime_type
                 timings.encode_ms = (time.perf_counter() - encoding) * 1000
-            timings.total_ms = (time.perf_counter() - arrived) * 1000
-            applied = None
-            if lease is not None:
-                entry = lease.entry
-                applied = AppliedAdapter(id=entry.id, name=entry.name, path=entry.path, scale=lease.scale)
-            return GenerateResult(
-                images=result_images,
-                adapter=applied,
-                timings=timings,
-                num_inference_steps=plan.steps,
-                guidance_scale=plan.guidance_scale,
-                batch_size=batch_images,
-            )
-        except OmniError as exc:
-            outcome = exc.code
+        except BaseException as exc:
+            admission.outcome = exc.code if isinstance(exc, OmniError) else "INTERNAL"
             raise
-        except Exception:
-            outcome = "INTERNAL"
-            raise
-        finally:
-            if lease is not None:
-                lease.release()
-            self._log_request(request_id, request, plan, lease, timings, arrived, outcome, batch_images)
+        timings.total_ms = (time.perf_counter() - admission.arrived) * 1000
+        admission.outcome = "OK"
+        applied = None
+        if admission.lease is not None:
+            entry = admission.lease.entry
+            applied = AppliedAdapter(id=entry.id, name=entry.name, path=entry.path, scale=admission.lease.scale)
+        return GenerateResult(
+            images=images,
+            adapter=applied,
+            timings=timings,
+            num_inference_steps=plan.steps,
+            guidance_scale=plan.guidance_scale,
+            batch_size=admission.batch_images,
+        )
 
     def load_adapter(
         self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
@@ -413,17 +454,8 @@ class Engine:
                 )
             offset += n
 
-    def _log_request(
-        self,
-        request_id: int,
-        request: GenerateRequest,
-        plan: _Plan | None,
-        lease: AdapterLease | None,
-        timings: Timings,
-        arrived: float,
-        outcome: str,
-        batch_images: int,
-    ) -> None:
+    def _log_request(self, admission: _Admission) -> None:
+        request, plan, lease = admission.request, admission.plan, admission.lease
         if lease is not None:
             adapter = f"{lease.entry.name}#{lease.entry.id}@{lease.scale:g}"
         elif request.lora is not None:
@@ -431,27 +463,29 @@ class Engine:
             adapter = lora.name or lora.path or (f"#{lora.id}" if lora.id is not None else "?")
         else:
             adapter = "-"
-        # A request refused by validation has no plan: log what it asked for.
+        # A request refused by validation has no plan.
         shape = (
             f"size={plan.width}x{plan.height} steps={plan.steps} images={len(plan.seeds)}"
             if plan is not None
             else "size=? steps=? images=?"
         )
-        level = logging.INFO if outcome in ("OK", "CANCELLED") else logging.WARNING
+        outcome = admission.outcome
+        timings = admission.timings
+        level = logging.INFO if outcome in ("OK", "CANCELLED", "NOT_RUN") else logging.WARNING
         log.log(
             level,
             "generate id=%d adapter=%s %s batch=%d outcome=%s queue_ms=%.1f adapter_ms=%.1f inference_ms=%.1f "
             "encode_ms=%.1f total_ms=%.1f",
-            request_id,
+            admission.request_id,
             adapter,
             shape,
-            batch_images,
+            admission.batch_images,
             outcome,
             timings.queue_ms,
             timings.adapter_ms,
             timings.inference_ms,
             timings.encode_ms,
-            (time.perf_counter() - arrived) * 1000,
+            (time.perf_counter() - admission.arrived) * 1000,
         )
 
 

@@ -46,6 +46,21 @@ class ModuleLora:
         stride, padding, dilation = self.conv
         return F.conv2d(F.conv2d(x, self.a, None, stride, padding, dilation), self.b)
 
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, factor: float, index: torch.Tensor | None) -> torch.Tensor:
+        """output (+)= factor * lora_B(lora_A(x)) on the rows in `index` (all rows when None).
+
+        The base layer's output is a fresh tensor that nothing else holds yet, so it is updated in
+        place: for a Linear the up-projection accumulates straight into it (one GEMM, no temporaries
+        of the output's size), which keeps an adapted step within a few percent of a base step.
+        """
+        if index is not None:
+            return output.index_add_(0, index, self.delta(x.index_select(0, index)).to(output.dtype), alpha=factor)
+        if self.conv is None and output.is_contiguous():
+            down = F.linear(x, self.a)
+            output.view(-1, output.shape[-1]).addmm_(down.reshape(-1, down.shape[-1]), self.b.t(), alpha=factor)
+            return output
+        return output.add_(self.delta(x).to(output.dtype), alpha=factor)
+
     def to(self, device: torch.device) -> ModuleLora:
         return ModuleLora(self.a.to(device), self.b.to(device), self.scaling, self.conv)
 
@@ -118,6 +133,8 @@ class MultiLora:
         # The host tier; on a CPU-only machine it is the same memory as the device tier.
         self.host_device = torch.device("cpu")
         self._dtype = dtype
+        # Adapters never change the module tree, so one name -> module map serves every lookup.
+        self._modules = dict(denoiser.named_modules())
         self._slots: dict[str, AdapterSlot] = {}
         self._hooked: set[str] = set()
         self._plan: BatchPlan | None = None
@@ -129,13 +146,12 @@ class MultiLora:
         model_name = type(self._denoiser).__name__
         for module_name in sorted(weights.modules):
             a, b = weights.modules[module_name]
-            try:
-                module = self._denoiser.get_submodule(module_name)
-            except AttributeError:
+            module = self._modules.get(module_name)
+            if module is None:
                 raise FailedPrecondition(
                     f"adapter '{weights.path}' does not fit the base model: module '{module_name}' does not "
                     f"exist in {model_name}"
-                ) from None
+                )
             expected = _expected_shapes(module, a.shape[0])
             if expected is None:
                 raise FailedPrecondition(
@@ -155,7 +171,7 @@ class MultiLora:
         target = device or self._device
         modules: dict[str, ModuleLora] = {}
         for name, (a, b) in weights.modules.items():
-            base = self._denoiser.get_submodule(name)
+            base = self._modules[name]
             conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
             modules[name] = ModuleLora(
                 a=a.to(device=target, dtype=self._dtype),
@@ -171,7 +187,7 @@ class MultiLora:
         """Make the adapter usable in plans; returns how many layers it adapts."""
         for name in slot.modules:
             if name not in self._hooked:
-                self._denoiser.get_submodule(name).register_forward_hook(self._hook_for(name))
+                self._modules[name].register_forward_hook(self._hook_for(name))
                 self._hooked.add(name)
         self._slots[key] = slot
         return len(slot.modules)
@@ -228,13 +244,8 @@ class MultiLora:
             x = args[0]
             for slot, scale, index in plan.groups(x.shape[0], x.device):
                 lora = slot.modules.get(name)
-                if lora is None:
-                    continue
-                if index is None:
-                    output = output + lora.delta(x) * (lora.scaling * scale)
-                else:
-                    delta = lora.delta(x.index_select(0, index)) * (lora.scaling * scale)
-                    output = output.index_add(0, index, delta.to(output.dtype))
+                if lora is not None:
+                    output = lora.add_to(output, x, lora.scaling * scale, index)
             return output
 
         return hook

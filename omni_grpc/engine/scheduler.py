@@ -58,8 +58,18 @@ class Worker:
         self._put(job)
         return job.future
 
+    def submit_batchables(self, items: list[BatchItem]) -> None:
+        """Queue several batchable jobs at once, so that the worker sees them together."""
+        with self._ready:
+            if self._closed:
+                for item in items:
+                    item.future.set_exception(Unavailable("the engine is shutting down"))
+                return
+            self._queue.extend(items)
+            self._ready.notify()
+
     def submit_batchable(self, item: BatchItem) -> Future:
-        self._put(item)
+        self.submit_batchables([item])
         return item.future
 
     def call(self, fn: Callable[[], T]) -> T:

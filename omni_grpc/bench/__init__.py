@@ -1,0 +1,1 @@
+"""`omni-grpc bench`: throughput and adapter costs, measured side by side against plain diffusers."""

@@ -1,0 +1,53 @@
+"""The plain diffusers way, done well: one pipeline, every adapter loaded once, `set_adapters` per
+request, one request at a time."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file
+
+
+class DiffusersBaseline:
+    def __init__(self, model: Path, adapters: list[Path]) -> None:
+        self.pipe = StableDiffusion3Pipeline.from_pretrained(str(model), text_encoder_3=None, tokenizer_3=None)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.names: dict[Path, str] = {}
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for i, folder in enumerate(adapters):
+            state = {
+                k.removeprefix("base_model.model."): v
+                for k, v in load_file(folder / "adapter_model.safetensors").items()
+            }
+            config = json.loads((folder / "adapter_config.json").read_text())
+            metadata = {
+                "r": config["r"],
+                "lora_alpha": config["lora_alpha"],
+                "target_modules": config["target_modules"],
+            }
+            # Passing the config as metadata is what makes alpha != r load right (see NOTES).
+            self.pipe.transformer.load_lora_adapter(state, prefix=None, adapter_name=f"a{i}", metadata=metadata)
+            self.names[folder] = f"a{i}"
+
+    def generate(self, *, adapter: Path | None, scale: float, size: int, steps: int, seed: int) -> float:
+        """One request; returns its latency in seconds."""
+        started = time.perf_counter()
+        if adapter is None:
+            self.pipe.disable_lora()
+        else:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([self.names[adapter]], adapter_weights=[scale])
+        self.pipe(
+            prompt="a benchmark prompt",
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pil",
+        )
+        return time.perf_counter() - started

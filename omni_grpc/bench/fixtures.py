@@ -1,0 +1,62 @@
+"""Benchmark models (built from code, cached) and random PEFT-format adapters that fit them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from omni_grpc.engine.default_model import SMALL_SD3, TinySD3Spec, build_tiny_sd3, default_model_dir
+
+SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    path: Path
+    spec: TinySD3Spec
+
+
+def bench_models(cache_root: Path) -> dict[str, BenchModel]:
+    """The tiny default model and the small one (512x512, 8 layers, 8 heads x 32), cached."""
+    small = cache_root / "small-sd3-v1"
+    if not (small / "model_index.json").is_file():
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".small-sd3.", dir=cache_root))
+        build_tiny_sd3(tmp, SMALL_SD3)
+        try:
+            os.rename(tmp, small)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "tiny": BenchModel("tiny", default_model_dir(cache_root), TinySD3Spec()),
+        "small": BenchModel("small", small, SMALL_SD3),
+    }
+
+
+def write_adapter(folder: Path, spec: TinySD3Spec, *, rank: int, seed: int, magnitude: float = 0.05) -> Path:
+    """A PEFT folder adapting every attention projection of every block, alpha = 2 r."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    dim = spec.inner_dim
+    tensors = {}
+    for layer in range(spec.num_layers):
+        for target in SD3_TARGETS:
+            key = f"base_model.model.transformer_blocks.{layer}.attn.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, dim, generator=gen) / rank**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(dim, rank, generator=gen) * magnitude
+    save_file(tensors, folder / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(SD3_TARGETS)}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def adapter_set(root: Path, model: BenchModel, count: int, rank: int = 8) -> list[Path]:
+    return [write_adapter(root / f"{model.name}-r{rank}-{i:04d}", model.spec, rank=rank, seed=i) for i in range(count)]

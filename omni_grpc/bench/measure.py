@@ -1,0 +1,252 @@
+"""The six measurements. Each returns rows of (what, ours, baseline, ratio, goal), measured side by side."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from safetensors.torch import load as load_safetensors
+
+from omni_grpc.bench.baseline import DiffusersBaseline
+from omni_grpc.bench.fixtures import BenchModel, adapter_set
+from omni_grpc.bench.server import running_server
+from omni_grpc.config import EngineConfig, ServerConfig
+from omni_grpc.engine.engine import Engine
+from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
+from omni_grpc.v1 import omni_pb2 as pb
+from omni_grpc.v1 import omni_pb2_grpc
+
+
+@dataclass
+class Row:
+    measurement: str
+    ours: float
+    baseline: float
+    unit: str
+    ratio: float
+    goal: str
+    met: bool
+    note: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _median_time(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def mixed_workload(
+    model: BenchModel,
+    root: Path,
+    *,
+    requests: int,
+    adapters: int,
+    clients: int,
+    size: int,
+    steps: int,
+    port: int,
+) -> Row:
+    """N requests over M adapters, varied scales, C clients through the real gRPC server, against plain
+    diffusers serving the same requests one at a time."""
+    paths = adapter_set(root, model, adapters)
+    plan = [(paths[i % adapters] if i % 5 else None, 0.5 + 0.25 * (i % 4), i) for i in range(requests)]
+
+    baseline = DiffusersBaseline(model.path, paths)
+    baseline.generate(adapter=paths[0], scale=1.0, size=size, steps=steps, seed=0)  # warm-up
+    started = time.perf_counter()
+    for adapter, scale, seed in plan:
+        baseline.generate(adapter=adapter, scale=scale, size=size, steps=steps, seed=seed)
+    base_rps = requests / (time.perf_counter() - started)
+    del baseline
+    gc.collect()
+
+    config = ServerConfig(
+        engine=EngineConfig(model=str(model.path), max_batch_size=clients, max_device_adapters=adapters + 1),
+        port=port,
+        grace_period=5,
+    )
+    with running_server(config) as target:
+        channel = grpc.insecure_channel(target)
+        stub = omni_pb2_grpc.OmniServiceStub(channel)
+        for path in paths:  # the baseline had its adapters loaded up front too
+            stub.LoadAdapter(pb.LoadAdapterRequest(path=str(path)))
+
+        def call(item: tuple[Path | None, float, int]) -> None:
+            adapter, scale, seed = item
+            request = pb.GenerateRequest(
+                prompt="a benchmark prompt",
+                sampling_params=pb.SamplingParams(height=size, width=size, num_inference_steps=steps, seed=seed),
+            )
+            if adapter is not None:
+                request.lora_request.CopyFrom(pb.LoraRequest(path=str(adapter), scale=scale))
+            stub.Generate(request, timeout=600)
+
+        call(plan[0])  # warm-up
+        with ThreadPoolExecutor(clients) as pool:
+            started = time.perf_counter()
+            list(pool.map(call, plan))
+            ours_rps = requests / (time.perf_counter() - started)
+        channel.close()
+    ratio = ours_rps / base_rps
+    return Row(
+        f"mixed workload, {model.name} model ({size}px, {steps} steps): {requests} requests, {adapters} adapters, "
+        f"{clients} clients",
+        ours_rps,
+        base_rps,
+        "req/s",
+        ratio,
+        "> 1",
+        ratio > 1,
+    )
+
+
+def _engine(model: BenchModel, **config: object) -> Engine:
+    return Engine(EngineConfig(model=str(model.path), **config)).start()  # type: ignore[arg-type]
+
+
+def _request(size: int, steps: int, lora: LoraRequest | None, seed: int = 0) -> GenerateRequest:
+    sampling = SamplingParams(height=size, width=size, num_inference_steps=steps, seed=seed)
+    return GenerateRequest(prompt="a benchmark prompt", sampling=sampling, lora=lora)
+
+
+def batch_across_adapters(model: BenchModel, root: Path, *, batch: int, size: int, steps: int, repeat: int) -> Row:
+    """A batch of B requests on B different adapters against a batch of B on one adapter."""
+    paths = adapter_set(root, model, batch)
+    engine = _engine(model, max_batch_size=batch)
+    try:
+        for path in paths:
+            engine.load_adapter(str(path))
+        distinct = [_request(size, steps, LoraRequest(path=str(p)), i) for i, p in enumerate(paths)]
+        same = [_request(size, steps, LoraRequest(path=str(paths[0])), i) for i in range(batch)]
+        engine.generate_many(same)  # warm-up
+        t_same, t_distinct = [], []
+        for _ in range(repeat):  # interleaved, so drift on a shared machine hits both alike
+            t_same.append(_median_time(lambda: engine.generate_many(same), 1))
+            t_distinct.append(_median_time(lambda: engine.generate_many(distinct), 1))
+    finally:
+        engine.close()
+    ratio = statistics.median(t_same) / statistics.median(t_distinct)
+    return Row(
+        f"batch of {batch} on {batch} different adapters vs on one adapter ({model.name}, {size}px)",
+        statistics.median(t_distinct),
+        statistics.median(t_same),
+        "s/batch",
+        ratio,
+        ">= 0.9",
+        ratio >= 0.9,
+        "ratio = one-adapter time / different-adapters time",
+    )
+
+
+def _step_time(engine: Engine, size: int, lora: LoraRequest | None, repeat: int) -> float:
+    """Seconds per denoising step: the difference between a 4-step and a 2-step request, halved."""
+    long = _median_time(lambda: engine.generate(_request(size, 4, lora)), repeat)
+    short = _median_time(lambda: engine.generate(_request(size, 2, lora)), repeat)
+    return max(long - short, 1e-9) / 2
+
+
+def switching_and_step(model: BenchModel, root: Path, *, size: int, iterations: int, repeat: int) -> list[Row]:
+    """Switching cost with 1, 10 and 100 resident adapters, against one denoising step; and a step with an
+    adapter against a base step."""
+    paths = adapter_set(root, model, 100)
+    engine = _engine(model, max_device_adapters=101)
+    rows = []
+    try:
+        for path in paths:
+            engine.load_adapter(str(path))
+        step_base = _step_time(engine, size, None, repeat)
+        step_lora = _step_time(engine, size, LoraRequest(path=str(paths[0])), repeat)
+        rows.append(
+            Row(
+                f"denoising step with an adapter vs base step ({model.name}, {size}px)",
+                step_lora,
+                step_base,
+                "s/step",
+                step_lora / step_base,
+                "<= 1.05",
+                step_lora / step_base <= 1.05,
+            )
+        )
+        table = engine._adapters  # noqa: SLF001 - the engine's own admission path, timed without denoising
+        lora = engine.lora
+        for resident in (1, 10, 100):
+            names = [p.name for p in paths[:resident]]
+
+            def switch(names: list[str] = names) -> None:
+                for i in range(iterations):
+                    lease = table.acquire(LoraRequest(name=names[i % len(names)], scale=0.5 + (i % 3) * 0.25))
+                    with lora.plan([(lease.entry.internal_name, lease.scale)]):
+                        pass
+                    lease.release()
+
+            per_switch = _median_time(switch, 3) / iterations
+            rows.append(
+                Row(
+                    f"switching cost, {resident} resident adapter(s), vs one step ({model.name}, {size}px)",
+                    per_switch,
+                    step_base,
+                    "s",
+                    per_switch / step_base,
+                    "< 0.01",
+                    per_switch / step_base < 0.01,
+                    "admission + activation of an adapter already loaded, per request",
+                )
+            )
+    finally:
+        engine.close()
+    return rows
+
+
+def cold_load_and_memory(model: BenchModel, root: Path, *, count: int, rank: int) -> list[Row]:
+    """A cold load from disk against a plain read of the same file; resident memory per adapter."""
+    paths = adapter_set(root, model, count, rank=rank)
+    engine = _engine(model, max_device_adapters=count + 1)
+    try:
+        engine.load_adapter(str(paths[0]))  # warm-up: first hooks, allocator
+        engine.unload_adapter(path=str(paths[0]))
+        ours, plain = [], []
+        for path in paths[1:]:
+            file = path / "adapter_model.safetensors"
+            plain.append(_median_time(lambda file=file: load_safetensors(file.read_bytes()), 1))
+            started = time.perf_counter()
+            engine.load_adapter(str(path))
+            ours.append(time.perf_counter() - started)
+        disk = sum((p / "adapter_model.safetensors").stat().st_size for p in paths[1:]) / (count - 1)
+        per_adapter = engine.lora.resident_bytes() / (count - 1)
+    finally:
+        engine.close()
+    load_ratio = statistics.median(ours) / statistics.median(plain)
+    return [
+        Row(
+            f"cold load vs plain read of the file into tensors ({model.name}, rank {rank}, {disk / 1024:.0f} KiB)",
+            statistics.median(ours),
+            statistics.median(plain),
+            "s",
+            load_ratio,
+            "<= 1.5",
+            load_ratio <= 1.5,
+            "read + validate + fit check + attach, per adapter",
+        ),
+        Row(
+            f"resident memory per loaded adapter vs its size on disk ({model.name}, rank {rank})",
+            per_adapter,
+            disk,
+            "bytes",
+            per_adapter / disk,
+            "~ 1",
+            per_adapter / disk <= 1.05,
+            "tensor bytes held by the engine / safetensors file size",
+        ),
+    ]

@@ -1,0 +1,90 @@
+"""`omni-grpc bench [--quick] [--out DIR]`: run every measurement and write the report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from omni_grpc.bench import measure, report
+from omni_grpc.bench.fixtures import bench_models
+
+# Sizes: (quick, full). Quick runs in about a minute on 2 CPU cores.
+PROFILES = {
+    "quick": {
+        "tiny": {"requests": 16, "adapters": 8, "clients": 8, "size": 64, "steps": 4},
+        "small": {"requests": 4, "adapters": 4, "clients": 4, "size": 256, "steps": 2},
+        "batch": {"batch": 4, "size": 256, "steps": 2, "repeat": 1},
+        "switch": {"size": 256, "iterations": 300, "repeat": 1},
+        "load": {"count": 11},
+    },
+    "full": {
+        "tiny": {"requests": 48, "adapters": 16, "clients": 8, "size": 64, "steps": 8},
+        "small": {"requests": 12, "adapters": 6, "clients": 4, "size": 512, "steps": 4},
+        "batch": {"batch": 4, "size": 512, "steps": 2, "repeat": 3},
+        "switch": {"size": 512, "iterations": 2000, "repeat": 2},
+        "load": {"count": 41},
+    },
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (about a minute)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where to write json, md, png")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where the benchmark models are cached")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    profile = PROFILES["quick" if args.quick else "full"]
+    cache = args.cache_dir or Path(os.environ.get("OMNI_GRPC_CACHE", Path.home() / ".cache" / "omni-grpc"))
+    started = time.perf_counter()
+    models = bench_models(cache)
+    rows: list[measure.Row] = []
+    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
+        root = Path(tmp)
+        for name in ("tiny", "small"):
+            rows.append(measure.mixed_workload(models[name], root, port=_free_port(), **profile[name]))
+            print(report.markdown(rows[-1:]).splitlines()[-1], flush=True)
+        small = models["small"]
+        rows.append(measure.batch_across_adapters(small, root, **profile["batch"]))
+        rows.extend(measure.switching_and_step(small, root, **profile["switch"]))
+        for rank in (16, 64):
+            rows.extend(measure.cold_load_and_memory(small, root, rank=rank, **profile["load"]))
+    meta = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "profile": "quick" if args.quick else "full",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    paths = report.write(rows, meta, args.out)
+    print()
+    print(report.markdown(rows))
+    print(f"{meta['profile']} run in {meta['seconds']} s; wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="omni-grpc bench")
+    add_flags(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
