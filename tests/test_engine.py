@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 
@@ -19,7 +21,7 @@ from omni_grpc.engine.default_model import build_tiny_sd15
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.pipeline import load_pipeline
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
-from omni_grpc.errors import FailedPrecondition, ModelLoadError
+from omni_grpc.errors import FailedPrecondition, InvalidArgument, ModelLoadError
 from tests.lora_factory import assert_close_image, make_peft_adapter, mean_abs_diff, reference_image
 
 PROMPT = "a lighthouse at dusk"
@@ -85,6 +87,23 @@ def test_diffusers_text_encoder_lora_is_refused(engine: Engine, style_a: Path, t
     save_file(tensors, file)
     with pytest.raises(FailedPrecondition, match="text_encoder"):
         engine.load_adapter(str(file))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_or_inf_weights_are_refused(engine: Engine, style_a: Path, tmp_path: Path, dtype: torch.dtype) -> None:
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((style_a / "adapter_config.json").read_text())
+    tensors = {k: v.to(dtype) for k, v in load_file(style_a / "adapter_model.safetensors").items()}
+    key = sorted(tensors)[3]
+    tensors[key][0, 0] = float("nan") if dtype == torch.float32 else float("inf")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(InvalidArgument, match=f"tensor '{re.escape(key)}' contains NaN or Inf"):
+        engine.load_adapter(str(bad))
+    tensors[key][0, 0] = 0.0
+    save_file(tensors, bad / "adapter_model.safetensors")
+    info, _ = engine.load_adapter(str(bad))  # the same file without the bad value loads
+    engine.unload_adapter(adapter_id=info.id)
 
 
 def test_sd15_unet_family(tmp_path: Path) -> None:

@@ -23,14 +23,14 @@ PROFILES = {
         "tiny": {"requests": 16, "adapters": 8, "clients": 8, "size": 64, "steps": 4},
         "small": {"requests": 4, "adapters": 4, "clients": 4, "size": 256, "steps": 2},
         "batch": {"batch": 4, "size": 256, "steps": 2, "repeat": 1},
-        "switch": {"size": 256, "iterations": 300, "repeat": 1},
+        "switch": {"size": 256, "iterations": 300, "repeat": 5},
         "load": {"count": 11},
     },
     "full": {
         "tiny": {"requests": 48, "adapters": 16, "clients": 8, "size": 64, "steps": 8},
         "small": {"requests": 12, "adapters": 6, "clients": 4, "size": 512, "steps": 4},
         "batch": {"batch": 4, "size": 512, "steps": 2, "repeat": 3},
-        "switch": {"size": 512, "iterations": 2000, "repeat": 2},
+        "switch": {"size": 512, "iterations": 2000, "repeat": 9},
         "load": {"count": 41},
     },
 }

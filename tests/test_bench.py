@@ -1,0 +1,38 @@
+"""`omni-grpc bench --quick` runs end to end and writes its table, JSON and chart (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.server_process import REPO
+
+
+def test_quick_benchmark_writes_its_report(cache_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "omni_grpc", "bench", "--quick", "--out", str(out), "--cache-dir", str(cache_root)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    names = [r["measurement"] for r in report["results"]]
+    assert len(names) == 11 and report["meta"]["profile"] == "quick"
+    for fragment in ("mixed workload, tiny", "mixed workload, small", "different adapters", "switching cost, 100"):
+        assert any(fragment in n for n in names), fragment
+    assert all(r["ratio"] > 0 and r["ours"] > 0 and r["baseline"] > 0 for r in report["results"])
+    table = (out / "bench.md").read_text()
+    assert table.startswith("| measurement | omni-grpc | baseline | ratio | goal | met |")
+    assert table in done.stdout
+    with Image.open(out / "bench.png") as chart:
+        assert chart.format == "PNG" and chart.size[0] > 500
