@@ -3,6 +3,7 @@ request, one request at a time."""
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import warnings
@@ -42,12 +43,13 @@ class DiffusersBaseline:
         else:
             self.pipe.enable_lora()
             self.pipe.set_adapters([self.names[adapter]], adapter_weights=[scale])
-        self.pipe(
+        image = self.pipe(
             prompt="a benchmark prompt",
             height=size,
             width=size,
             num_inference_steps=steps,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="pil",
-        )
+        ).images[0]
+        image.save(io.BytesIO(), format="PNG")  # a service hands out encoded images, as omni-grpc does
         return time.perf_counter() - started
