@@ -82,8 +82,8 @@ class AdapterBackend(Protocol):
     def load(self, path: str, internal_name: str) -> LoadedAdapter:
         """Read, validate and attach the adapter on the device; raise an OmniError on failure."""
 
-    def unload(self, internal_name: str, *, wait: bool = True) -> None:
-        """Detach the adapter and free its memory (when `wait`, before returning)."""
+    def unload(self, internal_name: str) -> None:
+        """Detach the adapter and free its memory (requests still running with it keep it until they end)."""
 
     def move(self, internal_name: str, tier: Tier) -> None:
         """Move an attached adapter's tensors to the device or to host memory."""
@@ -285,7 +285,7 @@ class AdapterTable:
             if victim is not None:
                 log.info("adapter evicted from the table (--max-loaded-adapters) id=%d name=%s", victim.id, victim.name)
                 if victim.tier is not Tier.DISK:
-                    self._backend.unload(victim.internal_name, wait=False)
+                    self._backend.unload(victim.internal_name)
             if owner:
                 return self._read_and_register(norm, pending, pin=pin, hold=hold), True
             entry = pending.done.result()  # re-raises the loader's error for every waiter
@@ -354,8 +354,7 @@ class AdapterTable:
             entry.in_use -= 1
             detach = entry.retired and entry.in_use == 0
         if detach:
-            # Not waited for: the last holder may be a cancelled request whose batch still runs.
-            self._backend.unload(entry.internal_name, wait=False)
+            self._backend.unload(entry.internal_name)
 
     def _bring_to_device(self, entry: AdapterEntry) -> None:
         """Make a held entry's tensors ready on the device: a hit, a promotion or a read from disk."""

@@ -107,7 +107,9 @@ def _settle_if_stopped(item: BatchItem, step: int) -> bool:
 
 
 class _PipelineAdapters:
-    """The adapter table's backend: read and convert files on the caller's thread, attach on the worker."""
+    """The adapter table's backend. Reading, converting and (de)registering adapters happen on the
+    calling thread, so loads never queue behind running batches; only a module's first hook needs the
+    worker."""
 
     def __init__(self, worker: Worker, lora: MultiLora) -> None:
         self._worker = worker
@@ -115,8 +117,10 @@ class _PipelineAdapters:
 
     def load(self, path: str, internal_name: str) -> LoadedAdapter:
         weights = lora_io.read_adapter(path)
-        slot = self._lora.make_slot(weights)  # checks the fit before queueing behind running requests
-        num_layers = self._worker.call(lambda: self._lora.attach(internal_name, slot))
+        slot = self._lora.make_slot(weights)  # checks that the adapter fits the model
+        if self._lora.needs_hooks(slot):
+            self._worker.call(lambda: self._lora.install_hooks(slot))
+        num_layers = self._lora.attach(internal_name, slot)
         return LoadedAdapter(
             format=weights.format,
             rank=weights.rank,
@@ -126,14 +130,12 @@ class _PipelineAdapters:
             num_layers=num_layers,
         )
 
-    def unload(self, internal_name: str, *, wait: bool = True) -> None:
-        future = self._worker.submit(lambda: self._lora.detach(internal_name))
-        if wait:
-            future.result()
+    def unload(self, internal_name: str) -> None:
+        # Immediate: a running batch keeps its own reference to the slot until it ends.
+        self._lora.detach(internal_name)
 
     def move(self, internal_name: str, tier: Tier) -> None:
-        device = self._lora.device if tier is Tier.DEVICE else self._lora.host_device
-        self._worker.call(lambda: self._lora.move(internal_name, device))
+        self._lora.move(internal_name, self._lora.device if tier is Tier.DEVICE else self._lora.host_device)
 
 
 class Engine:

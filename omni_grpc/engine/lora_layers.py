@@ -8,7 +8,10 @@ the base output untouched, so base results stay bit-identical to a model that ne
 
 Adapter tensors live in `AdapterSlot`s, outside the module tree: moving one between memory tiers is a
 tensor copy, switching adapters is setting a plan, and neither depends on how many adapters are loaded.
-Only the engine's worker thread calls attach/detach/move/plan; `check_fits` and `make_slot` only read.
+
+Threads: `plan` and `install_hooks` run on the engine's worker (hooks change modules the worker runs).
+Registering, replacing and dropping a slot is one dict operation, safe from any thread: a running batch
+holds the slots it uses, and the adapter table never drops or moves an adapter a request holds.
 """
 
 from __future__ import annotations
@@ -183,17 +186,26 @@ class MultiLora:
 
     # ---- worker thread only -----------------------------------------------------------------------
 
-    def attach(self, key: str, slot: AdapterSlot) -> int:
-        """Make the adapter usable in plans; returns how many layers it adapts."""
+    def needs_hooks(self, slot: AdapterSlot) -> bool:
+        """True if the slot adapts a module that has no hook yet (then `install_hooks` on the worker)."""
+        return not self._hooked.issuperset(slot.modules)
+
+    def install_hooks(self, slot: AdapterSlot) -> None:
+        """Hook the slot's modules that have no hook yet. Worker thread only."""
         for name in slot.modules:
             if name not in self._hooked:
                 self._modules[name].register_forward_hook(self._hook_for(name))
                 self._hooked.add(name)
+
+    def attach(self, key: str, slot: AdapterSlot) -> int:
+        """Make the adapter usable in plans (its hooks must be installed); returns the layers it adapts."""
+        if self.needs_hooks(slot):
+            raise RuntimeError("install_hooks() before attach()")
         self._slots[key] = slot
         return len(slot.modules)
 
     def detach(self, key: str) -> None:
-        """Forget the adapter; its tensors are freed with the slot."""
+        """Forget the adapter; its tensors are freed with the slot (once no running batch holds it)."""
         self._slots.pop(key, None)
 
     @property

@@ -119,18 +119,23 @@ class Worker:
 
     def _loop(self) -> None:
         while (work := self._take()) is not None:
-            if isinstance(work, _Job):
-                if work.future.set_running_or_notify_cancel():
-                    try:
-                        work.future.set_result(work.fn())
-                    except BaseException as exc:  # noqa: BLE001 - the caller re-raises it
-                        work.future.set_exception(exc)
-                continue
-            try:
-                assert self.run_batch is not None, "batchable job submitted without a batch runner"
-                self.run_batch(work)
-            except Exception as exc:  # fail every request of the batch, keep serving
-                log.exception("batch of %d failed", len(work))
-                for item in work:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            self._run(work)
+            # Drop the finished work here, not at the next take: its closures may hold adapter tensors.
+            del work
+
+    def _run(self, work: _Job | list[BatchItem]) -> None:
+        if isinstance(work, _Job):
+            if work.future.set_running_or_notify_cancel():
+                try:
+                    work.future.set_result(work.fn())
+                except BaseException as exc:  # noqa: BLE001 - the caller re-raises it
+                    work.future.set_exception(exc)
+            return
+        try:
+            assert self.run_batch is not None, "batchable job submitted without a batch runner"
+            self.run_batch(work)
+        except Exception as exc:  # fail every request of the batch, keep serving
+            log.exception("batch of %d failed", len(work))
+            for item in work:
+                if not item.future.done():
+                    item.future.set_exception(exc)
