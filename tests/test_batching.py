@@ -126,8 +126,11 @@ def test_a_cancelled_request_leaves_its_batch_mates_alone(engine: Engine, mild_a
     expected = arrays(engine.generate(good))
     release = held_worker(engine)
     pool = ThreadPoolExecutor(2)
-    doomed = pool.submit(engine.generate, request(seed=9), cancelled=cancel_after_two_checks)
+    # The survivor queues first, so the doomed request is not the first one the step check looks at.
     survivor = pool.submit(engine.generate, good)
+    while engine._worker.queued < 1:
+        threading.Event().wait(0.01)
+    doomed = pool.submit(engine.generate, request(seed=9), cancelled=cancel_after_two_checks)
     while engine._worker.queued < 2:
         threading.Event().wait(0.01)
     release.set()

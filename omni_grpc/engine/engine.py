@@ -417,7 +417,8 @@ class Engine:
 
         def on_step(step: int) -> None:
             # A stopped request is answered at once; the others go on. Stop when none is left.
-            if all(item.future.done() or _settle_if_stopped(item, step) for item in live):
+            stopped = [_settle_if_stopped(item, step) for item in live]  # every one, no short-circuit
+            if all(stopped):
                 raise _AllStopped
 
         assert self._lora is not None  # set by start(), before any request is admitted
