@@ -43,7 +43,7 @@ def request(
 ) -> GenerateRequest:
     return GenerateRequest(
         prompt=f"prompt {seed}",
-        negative_prompt="blurry" if seed % 2 else "",
+        negative_prompt=f"blurry, seed {seed}",  # a different negative prompt per request, in one batch
         sampling=SamplingParams(
             height=size, width=size, num_inference_steps=3, seed=seed, guidance_scale=guidance, num_images=images
         ),
@@ -104,6 +104,14 @@ def test_other_shapes_do_not_share_a_batch(engine: Engine) -> None:
     requests = [request(seed=1), request(seed=2, size=32), request(seed=3), request(seed=4, guidance=1.0)]
     results = [f.result() for f in run_together(engine, requests)]
     assert [r.batch_size for r in results] == [2, 1, 2, 1]
+
+
+def test_with_and_without_negative_prompt_do_not_share_a_batch(engine: Engine) -> None:
+    """SDXL encodes "no negative prompt" as zeros for a whole batch, so the two kinds run apart."""
+    plain = request(seed=5)
+    plain.negative_prompt = ""
+    results = [f.result() for f in run_together(engine, [request(seed=4), plain, request(seed=6)])]
+    assert [r.batch_size for r in results] == [2, 1, 2]
 
 
 def test_max_batch_size_splits_the_queue(cache_root: Path) -> None:

@@ -106,6 +106,18 @@ def test_nan_or_inf_weights_are_refused(engine: Engine, style_a: Path, tmp_path:
     engine.unload_adapter(adapter_id=info.id)
 
 
+def test_unreadable_paths_and_bad_patterns_are_invalid_argument(engine: Engine, style_a: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="could not be read"):
+        engine.load_adapter("/tmp/" + "x" * 5000)
+    bad = tmp_path / "bad_pattern"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes((style_a / "adapter_model.safetensors").read_bytes())
+    config = json.loads((style_a / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"(": 8}}))
+    with pytest.raises(InvalidArgument, match="not a valid pattern"):
+        engine.load_adapter(str(bad))
+
+
 def test_sd15_unet_family(tmp_path: Path) -> None:
     model = build_tiny_sd15(tmp_path / "sd15")
     adapter = make_peft_adapter(model, tmp_path / "unet_lora", rank=4, alpha=2, unet=True, magnitude=0.5)

@@ -199,7 +199,7 @@ class AdapterTable:
             except BaseException:
                 lease.release()
                 raise
-        self._rebalance()
+        self._rebalance_best_effort()
         return lease
 
     def tier_counts(self) -> dict[str, int]:
@@ -220,8 +220,8 @@ class AdapterTable:
             if not detach_now:
                 entry.retired = True
             info = entry.info()
-        if detach_now and entry.tier is not Tier.DISK:
-            self._backend.unload(entry.internal_name)
+        if detach_now:
+            self._detach(entry)
         log.info(
             "adapter unloaded id=%d name=%s in_use=%d%s",
             entry.id,
@@ -284,8 +284,7 @@ class AdapterTable:
                     self._pending[norm] = pending
             if victim is not None:
                 log.info("adapter evicted from the table (--max-loaded-adapters) id=%d name=%s", victim.id, victim.name)
-                if victim.tier is not Tier.DISK:
-                    self._backend.unload(victim.internal_name)
+                self._detach(victim)
             if owner:
                 return self._read_and_register(norm, pending, pin=pin, hold=hold), True
             entry = pending.done.result()  # re-raises the loader's error for every waiter
@@ -333,7 +332,7 @@ class AdapterTable:
                 self._hold_locked(entry)
         pending.done.set_result(entry)
         if not hold:
-            self._rebalance()
+            self._rebalance_best_effort()
         log.info(
             "adapter loaded id=%d name=%s path=%s format=%s rank=%d alpha=%g layers=%d bytes=%d pinned=%s ms=%.1f",
             entry.id,
@@ -354,7 +353,22 @@ class AdapterTable:
             entry.in_use -= 1
             detach = entry.retired and entry.in_use == 0
         if detach:
-            self._backend.unload(entry.internal_name)
+            self._detach(entry)
+        else:
+            self._rebalance_best_effort()  # a freed adapter may now move down to honour the bounds
+
+    def _detach(self, entry: AdapterEntry) -> None:
+        """Free a removed entry's tensors; under its move_lock, so no tier move can bring them back."""
+        with entry.move_lock:
+            if entry.tier is not Tier.DISK:
+                self._backend.unload(entry.internal_name)
+
+    def _rebalance_best_effort(self) -> None:
+        # Moving other adapters down is housekeeping: its failure must not fail the request at hand.
+        try:
+            self._rebalance()
+        except Exception:
+            log.exception("moving adapters down a tier failed; the bounds are exceeded until the next try")
 
     def _bring_to_device(self, entry: AdapterEntry) -> None:
         """Make a held entry's tensors ready on the device: a hit, a promotion or a read from disk."""
@@ -423,8 +437,10 @@ class AdapterTable:
         return None, Tier.DISK
 
     def _set_tier_locked(self, entry: AdapterEntry, tier: Tier) -> None:
-        self._tier_counts[entry.tier] -= 1
-        self._tier_counts[tier] += 1
+        # Removed entries (unloaded while held, or evicted mid-move) no longer count in any tier.
+        if self._by_id.get(entry.id) is entry:
+            self._tier_counts[entry.tier] -= 1
+            self._tier_counts[tier] += 1
         entry.tier = tier
 
     def _hold_locked(self, entry: AdapterEntry) -> None:

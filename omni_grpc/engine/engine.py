@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,9 +63,12 @@ class _Work:
     timings: Timings
 
     @property
-    def batch_key(self) -> tuple[int, int, int, bool]:
+    def batch_key(self) -> tuple[int, int, int, bool, bool]:
         # Requests of one shape share a denoising batch; guidance scales may differ, on/off may not.
-        return (self.plan.height, self.plan.width, self.plan.steps, self.plan.guidance_scale > 1)
+        # A negative prompt or none also may not: SDXL encodes "no negative prompt" as zeros, which
+        # it can only do for a whole batch.
+        plan = self.plan
+        return (plan.height, plan.width, plan.steps, plan.guidance_scale > 1, bool(plan.negative_prompt))
 
 
 @dataclass
@@ -222,16 +226,30 @@ class Engine:
         Raises the first request's error, if any.
         """
         admissions = [_Admission(next(self._request_ids), request) for request in requests]
+        submitted = False
         try:
             for admission in admissions:
                 self._admit(admission, _stop_check(cancelled, deadline))
             self._worker.submit_batchables([a.item for a in admissions if a.item is not None])
+            submitted = True
             return [self._finish(admission) for admission in admissions]
         finally:
             for admission in admissions:
-                if admission.lease is not None:
-                    admission.lease.release()
-                self._log_request(admission)
+                item = admission.item
+                if submitted and item is not None and not item.future.done():
+                    # Not waited for (an earlier request failed): it holds its adapter until it has run.
+                    item.future.add_done_callback(lambda future, a=admission: self._close(a, future))
+                else:
+                    self._close(admission)
+
+    def _close(self, admission: _Admission, future: Future | None = None) -> None:
+        """Release the request's adapter and write its log line."""
+        if future is not None:
+            exc = future.exception()
+            admission.outcome = "OK" if exc is None else exc.code if isinstance(exc, OmniError) else "INTERNAL"
+        if admission.lease is not None:
+            admission.lease.release()
+        self._log_request(admission)
 
     def _admit(self, admission: _Admission, check: Callable[[int], None]) -> None:
         """Validate, fill in defaults and hold the adapter on the device; then the request can queue."""

@@ -89,6 +89,13 @@ class AdapterWeights:
 
 def read_adapter(path: str) -> AdapterWeights:
     """Read the adapter at `path` (a PEFT folder, a folder with a diffusers file, or a .safetensors file)."""
+    try:
+        return _read_adapter(path)
+    except OSError as exc:  # a name too long, a permission denied, a file vanishing mid-read, ...
+        raise InvalidArgument(f"adapter path '{path}' could not be read: {exc}", field="path") from exc
+
+
+def _read_adapter(path: str) -> AdapterWeights:
     p = Path(path)
     if not p.exists():
         raise NotFound(
@@ -216,7 +223,9 @@ def _read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise InvalidArgument(f"{file} is not a readable safetensors file: {exc}") from exc
     if not _all_finite(data, header, tensors):
-        bad = next(key for key, t in tensors.items() if not torch.isfinite(t).all())
+        bad = next((key for key, t in tensors.items() if not torch.isfinite(t).all()), None)
+        if bad is None:  # finite, but so large that its norm overflows: garbage all the same
+            raise InvalidArgument(f"{file}: a tensor holds values too large to be LoRA weights")
         raise InvalidArgument(f"{file}: tensor '{bad}' contains NaN or Inf")
     return tensors, metadata
 
@@ -327,6 +336,12 @@ def _build(
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
     """peft's rank_pattern / alpha_pattern rule: a pattern matches a dotted suffix of the module name."""
     for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
+        try:
+            matched = re.match(rf"(.*\.)?({pattern})$", module_name)
+        except re.error as exc:
+            raise InvalidArgument(
+                f"rank_pattern / alpha_pattern key {pattern!r} is not a valid pattern: {exc}"
+            ) from exc
+        if matched:
             return value
     return default

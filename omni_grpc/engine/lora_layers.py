@@ -214,7 +214,10 @@ class MultiLora:
 
     def move(self, key: str, device: torch.device) -> None:
         """Move an attached adapter's tensors to another device (a tier move)."""
-        slot = self._slots[key].to(device)
+        current = self._slots.get(key)
+        if current is None:  # detached meanwhile: nothing to move, and nothing to bring back
+            return
+        slot = current.to(device)
         if device.type == "cpu" and self._device.type == "cuda":
             # Page-locked host memory makes the promotion back to the GPU a fast async copy.
             slot = AdapterSlot(

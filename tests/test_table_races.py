@@ -1,0 +1,106 @@
+"""The adapter table's bookkeeping when tier moves race with unloads, and when housekeeping fails.
+
+These drive the table through a small in-memory backend, since the point is the table's own locking
+and counting; the real backend is exercised end to end in test_tiers.py and test_adapters.py.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from omni_grpc.engine.adapters import AdapterTable, LoadedAdapter, Tier
+from omni_grpc.engine.types import AdapterFormat, LoraRequest
+
+
+class GatedBackend:
+    """Holds slots by name; `move` can be paused half-way (read done, write pending) or made to fail."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, str] = {}
+        self.gate: threading.Event | None = None
+        self.inside = threading.Event()
+        self.fail_moves = False
+
+    def load(self, path: str, internal_name: str) -> LoadedAdapter:
+        self.slots[internal_name] = "device"
+        return LoadedAdapter(AdapterFormat.PEFT, 4, 4.0, ["to_q"], 10, 1)
+
+    def unload(self, internal_name: str) -> None:
+        self.slots.pop(internal_name, None)
+
+    def move(self, internal_name: str, tier: Tier) -> None:
+        if internal_name not in self.slots:
+            return
+        if self.gate is not None:
+            self.inside.set()
+            self.gate.wait(10)
+        if self.fail_moves:
+            raise RuntimeError("out of memory while pinning host memory")
+        self.slots[internal_name] = tier.value
+
+
+def actual_counts(table: AdapterTable) -> dict[str, int]:
+    counts = dict.fromkeys(("device", "host", "disk"), 0)
+    for info in table.list():
+        counts[info.tier] += 1
+    return counts
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> list[str]:
+    folders = [tmp_path / f"a{i}" for i in range(4)]
+    for folder in folders:
+        folder.mkdir()
+    return [str(f) for f in folders]
+
+
+def test_unload_during_a_move_down_leaves_no_slot_and_true_counts(paths: list[str]) -> None:
+    backend = GatedBackend()
+    table = AdapterTable(backend, max_device=1, max_host=4)
+    table.load(paths[0])
+    backend.gate = threading.Event()
+    loader = threading.Thread(target=lambda: table.load(paths[1]))  # demotes a0 to host, paused mid-move
+    loader.start()
+    backend.inside.wait(10)
+    unloader = threading.Thread(target=lambda: table.unload(name="a0"))
+    unloader.start()
+    backend.gate.set()
+    loader.join(10)
+    unloader.join(10)
+    assert not loader.is_alive() and not unloader.is_alive()
+    assert [i.name for i in table.list()] == ["a1"]
+    assert table.tier_counts() == actual_counts(table) == {"device": 1, "host": 0, "disk": 0}
+    assert len(backend.slots) == 1  # a0's slot did not come back
+
+
+def test_unload_during_a_promotion_keeps_counts_true(paths: list[str]) -> None:
+    backend = GatedBackend()
+    table = AdapterTable(backend, max_device=1, max_host=4)
+    table.load(paths[0])
+    table.load(paths[1])  # a0 moves to host
+    backend.gate = threading.Event()
+    holder = threading.Thread(target=lambda: table.acquire(LoraRequest(name="a0")).release())
+    holder.start()
+    backend.inside.wait(10)
+    table.unload(name="a0")  # held: removed now, detached when the holder releases
+    backend.gate.set()
+    holder.join(10)
+    assert table.tier_counts() == actual_counts(table) == {"device": 1, "host": 0, "disk": 0}
+    assert "a1" in {i.name for i in table.list()} and table.list()[0].tier == "device"
+    assert len(backend.slots) == 1
+
+
+def test_a_failing_move_down_does_not_fail_or_leak_the_request(paths: list[str]) -> None:
+    backend = GatedBackend()
+    table = AdapterTable(backend, max_device=1, max_host=4)
+    table.load(paths[0])
+    backend.fail_moves = True
+    lease = table.acquire(LoraRequest(path=paths[1]))  # wants to demote a0, which fails: still served
+    lease.release()
+    assert {i.name: i.in_use for i in table.list()} == {"a0": 0, "a1": 0}
+    backend.fail_moves = False
+    table.acquire(LoraRequest(name="a1")).release()  # the next admission restores the bound
+    assert table.tier_counts() == actual_counts(table) == {"device": 1, "host": 1, "disk": 0}
