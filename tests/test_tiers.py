@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,28 +9,19 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import torch
-from safetensors.torch import save_file
 
+from omni_grpc.bench.fixtures import write_adapter as write_bench_adapter
 from omni_grpc.config import EngineConfig
+from omni_grpc.engine.default_model import TinySD3Spec
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import AdapterInfo, GenerateRequest, LoraRequest, SamplingParams
 
-MODULES = ("transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_v")
-
 
 def write_adapter(folder: Path, seed: int, rank: int = 2) -> Path:
-    """A PEFT-format folder, written the way peft writes one (keys, config), without building a model."""
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module in MODULES:  # the default model: 32 features in and out
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, 32, generator=gen) * 0.3
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(32, rank, generator=gen) * 0.3
-    save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["to_q", "to_v"]}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    return folder
+    """A small PEFT-format adapter for the default model (to_q and to_v of every block)."""
+    return write_bench_adapter(
+        folder, TinySD3Spec(), rank=rank, seed=seed, magnitude=0.3, targets=("to_q", "to_v"), alpha=rank
+    )
 
 
 @pytest.fixture

@@ -41,19 +41,30 @@ def bench_models(cache_root: Path) -> dict[str, BenchModel]:
     }
 
 
-def write_adapter(folder: Path, spec: TinySD3Spec, *, rank: int, seed: int, magnitude: float = 0.05) -> Path:
-    """A PEFT folder adapting every attention projection of every block, alpha = 2 r."""
+def write_adapter(
+    folder: Path,
+    spec: TinySD3Spec,
+    *,
+    rank: int,
+    seed: int,
+    magnitude: float = 0.05,
+    targets: tuple[str, ...] = SD3_TARGETS,
+    alpha: float | None = None,
+) -> Path:
+    """A PEFT folder (keys and config as peft writes them) adapting `targets` in every block of an SD3
+    transformer of `spec`, with random weights; alpha defaults to 2 r."""
     folder.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     dim = spec.inner_dim
     tensors = {}
     for layer in range(spec.num_layers):
-        for target in SD3_TARGETS:
+        for target in targets:
             key = f"base_model.model.transformer_blocks.{layer}.attn.{target}"
             tensors[f"{key}.lora_A.weight"] = torch.randn(rank, dim, generator=gen) / rank**0.5
             tensors[f"{key}.lora_B.weight"] = torch.randn(dim, rank, generator=gen) * magnitude
     save_file(tensors, folder / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(SD3_TARGETS)}
+    lora_alpha = 2 * rank if alpha is None else alpha
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": lora_alpha, "target_modules": list(targets)}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     return folder
 

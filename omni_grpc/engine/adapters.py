@@ -236,10 +236,6 @@ class AdapterTable:
         with self._lock:
             return [entry.info() for entry in reversed(self._by_id.values())]
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_id)
-
     # ---- internals -----------------------------------------------------------------------------
 
     def _load(

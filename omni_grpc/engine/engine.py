@@ -98,6 +98,11 @@ class _AllStopped(Exception):
     """Every request of a batch was cancelled or ran out of time."""
 
 
+def _outcome(exc: BaseException) -> str:
+    """The log's name for how a request failed: its gRPC status name."""
+    return exc.code if isinstance(exc, OmniError) else "INTERNAL"
+
+
 def _settle_if_stopped(item: BatchItem, step: int) -> bool:
     """Fail the item's future if its request should stop; True if it did (or was already done)."""
     if item.future.done():
@@ -193,10 +198,6 @@ class Engine:
             raise Unavailable("the model is still loading")
         return self._lora
 
-    @property
-    def model_name(self) -> str:
-        return self.pipeline.model_name
-
     def close(self) -> None:
         """Finish queued work and stop the worker."""
         self._ready.clear()
@@ -246,7 +247,7 @@ class Engine:
         """Release the request's adapter and write its log line."""
         if future is not None:
             exc = future.exception()
-            admission.outcome = "OK" if exc is None else exc.code if isinstance(exc, OmniError) else "INTERNAL"
+            admission.outcome = "OK" if exc is None else _outcome(exc)
         if admission.lease is not None:
             admission.lease.release()
         self._log_request(admission)
@@ -271,7 +272,7 @@ class Engine:
             )
             admission.item = BatchItem(key=work.batch_key, size=len(plan.seeds), payload=work)
         except BaseException as exc:
-            admission.outcome = exc.code if isinstance(exc, OmniError) else "INTERNAL"
+            admission.outcome = _outcome(exc)
             raise
 
     def _finish(self, admission: _Admission) -> GenerateResult:
@@ -292,7 +293,7 @@ class Engine:
                     image.mime_type = request.output_format.mime_type
                 timings.encode_ms = (time.perf_counter() - encoding) * 1000
         except BaseException as exc:
-            admission.outcome = exc.code if isinstance(exc, OmniError) else "INTERNAL"
+            admission.outcome = _outcome(exc)
             raise
         timings.total_ms = (time.perf_counter() - admission.arrived) * 1000
         admission.outcome = "OK"
@@ -332,14 +333,17 @@ class Engine:
 
     @property
     def _adapters(self) -> AdapterTable:
-        if self._table is None or not self.ready:
-            raise Unavailable("the model is still loading; retry when the health check reports SERVING")
+        self._require_ready()
+        assert self._table is not None  # set before ready
         return self._table
 
-    def _plan(self, request: GenerateRequest) -> _Plan:
-        pipeline = self.pipeline
+    def _require_ready(self) -> None:
         if not self.ready:
             raise Unavailable("the model is still loading; retry when the health check reports SERVING")
+
+    def _plan(self, request: GenerateRequest) -> _Plan:
+        self._require_ready()
+        pipeline = self.pipeline
         limits = self.config.limits
         s = request.sampling
         if not request.prompt.strip():

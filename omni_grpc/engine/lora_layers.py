@@ -64,8 +64,11 @@ class ModuleLora:
             return output
         return output.add_(self.delta(x).to(output.dtype), alpha=factor)
 
-    def to(self, device: torch.device) -> ModuleLora:
-        return ModuleLora(self.a.to(device), self.b.to(device), self.scaling, self.conv)
+    def to(self, device: torch.device, *, pin: bool = False) -> ModuleLora:
+        a, b = self.a.to(device), self.b.to(device)
+        if pin:
+            a, b = a.pin_memory(), b.pin_memory()
+        return ModuleLora(a, b, self.scaling, self.conv)
 
 
 @dataclass
@@ -79,10 +82,11 @@ class AdapterSlot:
     def nbytes(self) -> int:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
 
-    def to(self, device: torch.device) -> AdapterSlot:
+    def to(self, device: torch.device, *, pin: bool = False) -> AdapterSlot:
+        """The slot on `device`; `pin` page-locks host memory so the copy back to a GPU is fast."""
         if device == self.device:
             return self
-        return AdapterSlot({name: m.to(device) for name, m in self.modules.items()}, device)
+        return AdapterSlot({name: m.to(device, pin=pin) for name, m in self.modules.items()}, device)
 
 
 @dataclass
@@ -168,10 +172,10 @@ class MultiLora:
                     f"{list(a.shape)} and {list(b.shape)}"
                 )
 
-    def make_slot(self, weights: AdapterWeights, device: torch.device | None = None) -> AdapterSlot:
-        """The adapter's tensors in the model's dtype on `device` (default: the model's device)."""
+    def make_slot(self, weights: AdapterWeights) -> AdapterSlot:
+        """The adapter's tensors in the model's dtype on the model's device."""
         self.check_fits(weights)
-        target = device or self._device
+        target = self._device
         modules: dict[str, ModuleLora] = {}
         for name, (a, b) in weights.modules.items():
             base = self._modules[name]
@@ -184,7 +188,7 @@ class MultiLora:
             )
         return AdapterSlot(modules, target)
 
-    # ---- worker thread only -----------------------------------------------------------------------
+    # ---- hooks and plans: worker thread; slots: any thread (see the module docstring) -----------
 
     def needs_hooks(self, slot: AdapterSlot) -> bool:
         """True if the slot adapts a module that has no hook yet (then `install_hooks` on the worker)."""
@@ -217,17 +221,7 @@ class MultiLora:
         current = self._slots.get(key)
         if current is None:  # detached meanwhile: nothing to move, and nothing to bring back
             return
-        slot = current.to(device)
-        if device.type == "cpu" and self._device.type == "cuda":
-            # Page-locked host memory makes the promotion back to the GPU a fast async copy.
-            slot = AdapterSlot(
-                {n: ModuleLora(m.a.pin_memory(), m.b.pin_memory(), m.scaling, m.conv) for n, m in slot.modules.items()},
-                device,
-            )
-        self._slots[key] = slot
-
-    def device_of(self, key: str) -> torch.device:
-        return self._slots[key].device
+        self._slots[key] = current.to(device, pin=device.type == "cpu" and self._device.type == "cuda")
 
     @contextmanager
     def plan(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
@@ -244,9 +238,6 @@ class MultiLora:
             self._plan = None
 
     # ---- introspection ----------------------------------------------------------------------------
-
-    def slot(self, key: str) -> AdapterSlot | None:
-        return self._slots.get(key)
 
     def resident_bytes(self) -> int:
         return sum(slot.nbytes for slot in self._slots.values())
