@@ -1,4 +1,4 @@
-"""The `omni-grpc` command: `omni-grpc serve ...`."""
+"""The `omni-grpc` command: `omni-grpc serve|gateway|bench ...`."""
 
 from __future__ import annotations
 
@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and log it)")
     net.add_argument("--grace-period", type=float, default=30.0, help="seconds running requests get on shutdown")
     net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    gateway = sub.add_parser("gateway", help="run the REST gateway (OpenAI-style JSON) in front of a gRPC server")
+    from gateway.cli import add_gateway_flags
+
+    add_gateway_flags(gateway)
     bench = sub.add_parser("bench", help="measure throughput and adapter costs against plain diffusers")
     from omni_grpc.bench.run import add_flags
 
@@ -122,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             grace_period=args.grace_period,
         )
         return asyncio.run(serve(config))
+    if args.command == "gateway":
+        from gateway.cli import run as run_gateway
+
+        return run_gateway(args)
     if args.command == "bench":
         from omni_grpc.bench.run import run
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+from typing import TYPE_CHECKING
+
 from omni_grpc.engine.types import (
     AdapterFormat,
     AdapterInfo,
@@ -13,6 +16,9 @@ from omni_grpc.engine.types import (
 )
 from omni_grpc.errors import InvalidArgument
 from omni_grpc.v1 import omni_pb2 as pb
+
+if TYPE_CHECKING:
+    from omni_grpc.engine.pipeline import LoadedPipeline
 
 _OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.PNG,
@@ -114,3 +120,24 @@ def unload_selector_from_pb(request: pb.UnloadAdapterRequest) -> dict[str, objec
         raise InvalidArgument("UnloadAdapterRequest needs one of id, name or path", field="adapter")
     key = {"id": "adapter_id", "name": "name", "path": "path"}[which]
     return {key: getattr(request, which)}
+
+
+def server_info_to_pb(pipeline: LoadedPipeline, *, started_at: int) -> pb.GetServerInfoResponse:
+    return pb.GetServerInfoResponse(
+        model=pipeline.model_name,
+        family=pipeline.family,
+        default_height=pipeline.default_height,
+        default_width=pipeline.default_width,
+        default_num_inference_steps=pipeline.default_steps,
+        default_guidance_scale=pipeline.default_guidance,
+        spatial_multiple=pipeline.spatial_multiple,
+        started_at=started_at,
+        version=_version(),
+    )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("omni-grpc")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"

@@ -37,6 +37,7 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._started_at = int(time.time())
 
     def stop_accepting(self) -> None:
         """From now on every new call is UNAVAILABLE; calls already running go on."""
@@ -102,6 +103,14 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
                 max_device_adapters=config.max_device_adapters,
                 max_host_adapters=config.max_host_adapters,
             )
+
+        return await self._call(work, context)
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        def work() -> pb.GetServerInfoResponse:
+            return convert.server_info_to_pb(self._engine.pipeline, started_at=self._started_at)
 
         return await self._call(work, context)
 

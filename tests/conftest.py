@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.gateway_process import GatewayProcess, start_gateway
 from tests.lora_factory import make_peft_adapter
 from tests.server_process import ServerProcess, start_server
 
@@ -62,9 +63,26 @@ def server(
     """
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
     srv = start_server(
-        ["--cache-dir", str(cache_root), "--lora-path", f"pre={preloaded}", "--max-loaded-adapters", "16"],
+        [
+            "--cache-dir",
+            str(cache_root),
+            "--lora-path",
+            f"pre={preloaded}",
+            "--max-loaded-adapters",
+            "16",
+            "--max-pixels",
+            "1048576",
+        ],
         log_path=log_path,
         cwd=adapter_root,
     )
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """The REST gateway in front of the shared server, as `omni-grpc gateway` starts it (admin routes off)."""
+    gw = start_gateway(server.target, [], log_path=tmp_path_factory.mktemp("logs") / "gateway.log")
+    yield gw
+    gw.stop()

@@ -63,28 +63,40 @@ class ServerProcess:
 
     def stop(self, timeout: float = 60) -> int:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, timeout)
 
 
-def start_server(args: list[str], *, log_path: Path, cwd: Path | None = None, wait: bool = True) -> ServerProcess:
-    port = free_port()
+def stop_process(proc: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL after `timeout` seconds; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def spawn_omni(command: list[str], *, log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """`python -m omni_grpc COMMAND...` from this checkout, stdout and stderr into `log_path`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     log_file = log_path.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "omni_grpc", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+    return subprocess.Popen(
+        [sys.executable, "-m", "omni_grpc", *command],
         cwd=cwd or REPO,
         env=env,
         stdout=log_file,
         stderr=subprocess.STDOUT,
     )
+
+
+def start_server(
+    args: list[str], *, log_path: Path, cwd: Path | None = None, wait: bool = True, port: int | None = None
+) -> ServerProcess:
+    port = port or free_port()
+    proc = spawn_omni(["serve", "--host", "127.0.0.1", "--port", str(port), *args], log_path=log_path, cwd=cwd)
     server = ServerProcess(proc=proc, port=port, log_path=log_path)
     if wait:
         server.wait_serving()

@@ -169,10 +169,12 @@ def _field_violation(error: grpc.RpcError) -> str | None:
 @pytest.mark.parametrize(
     ("sampling", "field", "words"),
     [
-        ({"height": 66}, "sampling_params.height", "multiple of 4"),
-        ({"width": 0}, "sampling_params.width", "multiple of 4"),
-        ({"height": 8192}, "sampling_params.height", "between 4 and 4096"),
-        ({"height": 4096, "width": 4096}, "sampling_params.height", "exceeds the limit"),
+        ({"height": 72}, "sampling_params.height", "multiple of 16"),
+        ({"width": 0}, "sampling_params.width", "multiple of 16"),
+        # The tiny SD3's position table (96 patches of 16 px) bounds the side below --max-side.
+        ({"height": 1552}, "sampling_params.height", "between 16 and 1536"),
+        # The shared server runs with --max-pixels 1048576.
+        ({"height": 1536, "width": 1024}, "sampling_params.height", "exceeds the limit of 1048576"),
         ({"num_inference_steps": 0}, "sampling_params.num_inference_steps", "between 1 and 1000"),
         ({"num_inference_steps": 100000}, "sampling_params.num_inference_steps", "between 1 and 1000"),
         ({"num_images": 0}, "sampling_params.num_images", "between 1 and 8"),

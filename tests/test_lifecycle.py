@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -17,7 +22,7 @@ from omni_grpc.config import EngineConfig, ServerConfig
 from omni_grpc.engine.engine import Engine
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
-from tests.server_process import free_port, start_server
+from tests.server_process import REPO, free_port, start_server
 from tests.test_adapters import listed, wait_for
 
 
@@ -105,3 +110,36 @@ def test_health_is_not_serving_until_the_model_is_loaded(cache_root: Path, monke
         thread.join(60)
         channel.close()
     assert codes == [0]
+
+
+def test_the_readme_run_command_serves_grpc_and_the_gateway(cache_root: Path, tmp_path: Path) -> None:
+    """`bash scripts/serve.sh`: both processes up, both answering; SIGTERM stops both, exit 0."""
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "OMNI_GRPC_PORT": str(grpc_port),
+        "OMNI_GATEWAY_PORT": str(http_port),
+        # The venv running these tests, already installed by the README's test command.
+        "OMNI_GRPC_VENV": str(Path(sys.executable).parent.parent),
+    }
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        ["bash", "scripts/serve.sh", "--cache-dir", str(cache_root)], cwd=REPO, env=env, stdout=log, stderr=log
+    )
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        body = {"messages": [{"role": "user", "content": "x"}], "height": 64, "width": 64, "num_inference_steps": 2}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            info = omni_pb2_grpc.OmniServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+        assert info.model == "omni-grpc/tiny-sd3" and info.default_height == 64 and info.spatial_multiple == 16
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, (tmp_path / "serve.log").read_text()

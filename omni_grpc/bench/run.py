@@ -12,11 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from omni_grpc.bench import measure, report
-from omni_grpc.bench.fixtures import bench_models
-
 # Sizes: (quick, full). Quick runs in about a minute on 2 CPU cores.
 PROFILES = {
     "quick": {
@@ -49,6 +44,12 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Heavy imports here: `omni-grpc gateway` builds the same parser and must not import torch.
+    import torch
+
+    from omni_grpc.bench import measure, report
+    from omni_grpc.bench.fixtures import bench_models
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     profile = PROFILES["quick" if args.quick else "full"]
     cache = args.cache_dir or Path(os.environ.get("OMNI_GRPC_CACHE", Path.home() / ".cache" / "omni-grpc"))

@@ -57,7 +57,7 @@ from omni_grpc.engine.tiny_tokenizer import (
 )
 
 # Bump when the architecture/spec/build procedure changes so stale caches are not reused.
-DEFAULT_MODEL_TAG = "tiny-sd3-v1"
+DEFAULT_MODEL_TAG = "tiny-sd3-v2"
 CACHE_ENV = "OMNI_GRPC_CACHE"
 
 # Per-component seed offsets: distinct weights for the two CLIP encoders, and adding
@@ -80,13 +80,14 @@ class TinySD3Spec:
     num_layers: int = 2
     num_attention_heads: int = 4
     attention_head_dim: int = 8
-    sample_size: int = 32  # latent height/width
+    sample_size: int = 8  # latent height/width
     patch_size: int = 2
     pos_embed_max_size: int = 96  # in patches; bounds the largest supported resolution
     qk_norm: str | None = None  # None like SD3-medium; "rms_norm" like SD3.5
     # VAE
     latent_channels: int = 16  # SD3 uses a 16-channel latent space
-    vae_block_out_channels: tuple[int, ...] = (8, 16)
+    # Four blocks: 8x downsampling as in real SD3, so 1024x1024 (the guide's size) costs 4096 tokens.
+    vae_block_out_channels: tuple[int, ...] = (8, 8, 16, 16)
     vae_layers_per_block: int = 1
     vae_norm_num_groups: int = 8
     # Both CLIP text encoders (CLIP-L and CLIP-G in real SD3) share these sizes.

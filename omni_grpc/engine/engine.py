@@ -259,7 +259,13 @@ class Engine:
             admission.plan = plan = self._plan(request)
             if request.lora is not None:
                 self._check_scale(request.lora)
-                admission.lease = self._adapters.acquire(request.lora)
+                try:
+                    admission.lease = self._adapters.acquire(request.lora)
+                except OmniError as exc:
+                    # The table names its own fields ("path"); in a Generate they sit under lora_request.
+                    if exc.field in ("path", "name", "id", "scale"):
+                        exc.field = f"lora_request.{exc.field}"
+                    raise
                 admission.timings.adapter_ms = (time.perf_counter() - admission.arrived) * 1000
             lease = admission.lease
             work = _Work(
@@ -357,11 +363,12 @@ class Engine:
         height = pipeline.default_height if s.height is None else s.height
         width = pipeline.default_width if s.width is None else s.width
         multiple = pipeline.spatial_multiple
+        max_side = min(limits.max_side, pipeline.max_side or limits.max_side)
         for field_name, value in (("height", height), ("width", width)):
-            if value < multiple or value > limits.max_side or value % multiple:
+            if value < multiple or value > max_side or value % multiple:
                 raise InvalidArgument(
                     f"sampling_params.{field_name} must be a multiple of {multiple} between {multiple} and "
-                    f"{limits.max_side} for this model, got {value}",
+                    f"{max_side} for this model, got {value}",
                     field=f"sampling_params.{field_name}",
                 )
         if height * width > limits.max_pixels:

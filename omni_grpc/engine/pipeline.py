@@ -44,6 +44,8 @@ class LoadedPipeline:
     denoiser: nn.Module
     # Height and width must be multiples of this (VAE factor x patch size for transformers).
     spatial_multiple: int
+    # Largest height or width the denoiser can take (SD3's position table bounds it); None: no bound.
+    max_side: int | None
     default_height: int
     default_width: int
     default_steps: int
@@ -109,8 +111,11 @@ def load_pipeline(
     denoiser = pipe.transformer if family == "sd3" else pipe.unet
     denoiser.eval()
     spatial = int(pipe.vae_scale_factor)
+    max_side = None
     if family == "sd3":
         spatial *= int(denoiser.config.patch_size)
+        if denoiser.config.pos_embed_max_size:
+            max_side = int(denoiser.config.pos_embed_max_size) * spatial
     else:
         # The UNet pipelines refuse sizes that are not multiples of 8, whatever their VAE.
         spatial = math.lcm(spatial, 8)
@@ -123,6 +128,7 @@ def load_pipeline(
         model_name=model_name,
         denoiser=denoiser,
         spatial_multiple=spatial,
+        max_side=max_side,
         default_height=default_side,
         default_width=default_side,
         default_steps=int(defaults["num_inference_steps"].default),

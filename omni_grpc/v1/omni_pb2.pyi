@@ -227,3 +227,29 @@ class ListAdaptersResponse(_message.Message):
     max_device_adapters: int
     max_host_adapters: int
     def __init__(self, adapters: _Optional[_Iterable[_Union[Adapter, _Mapping]]] = ..., max_loaded_adapters: _Optional[int] = ..., max_device_adapters: _Optional[int] = ..., max_host_adapters: _Optional[int] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("model", "family", "default_height", "default_width", "default_num_inference_steps", "default_guidance_scale", "spatial_multiple", "started_at", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SPATIAL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    family: str
+    default_height: int
+    default_width: int
+    default_num_inference_steps: int
+    default_guidance_scale: float
+    spatial_multiple: int
+    started_at: int
+    version: str
+    def __init__(self, model: _Optional[str] = ..., family: _Optional[str] = ..., default_height: _Optional[int] = ..., default_width: _Optional[int] = ..., default_num_inference_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., spatial_multiple: _Optional[int] = ..., started_at: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...

@@ -55,6 +55,11 @@ class OmniServiceStub:
                 request_serializer=omni__grpc_dot_v1_dot_omni__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=omni__grpc_dot_v1_dot_omni__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/omni_grpc.v1.OmniService/GetServerInfo',
+                request_serializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class OmniServiceServicer:
@@ -90,6 +95,13 @@ class OmniServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """GetServerInfo describes the base model and its defaults. Cheap: gateways call it per request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OmniServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_OmniServiceServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=omni__grpc_dot_v1_dot_omni__pb2.ListAdaptersRequest.FromString,
                     response_serializer=omni__grpc_dot_v1_dot_omni__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class OmniService:
             '/omni_grpc.v1.OmniService/ListAdapters',
             omni__grpc_dot_v1_dot_omni__pb2.ListAdaptersRequest.SerializeToString,
             omni__grpc_dot_v1_dot_omni__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omni_grpc.v1.OmniService/GetServerInfo',
+            omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoRequest.SerializeToString,
+            omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

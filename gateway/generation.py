@@ -1,0 +1,33 @@
+"""One generation for the chat and images routes: resolve `model`, call Generate, note what ran."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from gateway.calls import rpc
+from gateway.grpc_client import OmniClient
+from gateway.translate import Generation, select_adapter_by_model
+from omni_grpc.v1 import omni_pb2 as pb
+
+
+@dataclass
+class Generated:
+    response: pb.GenerateResponse
+    # The base model that served the request.
+    model: str
+
+
+async def generate(client: OmniClient, request: Request, model: str | None, generation: Generation) -> Generated:
+    info = await rpc(client.server_info(), request=request)
+    if model and model != info.model and not generation.has_adapter:
+        # An adapter listed by /v1/models may be named as the model; any other name runs the base model
+        # (one server serves one base model, and the guide's curl names its model, whatever is served).
+        listing = await rpc(client.list_adapters(), request=request)
+        if any(adapter.name == model for adapter in listing.adapters):
+            select_adapter_by_model(generation, model)
+    response = await rpc(client.generate(generation.request), request=request, params=generation.params)
+    request.state.adapter = response.adapter.name if response.HasField("adapter") else "-"
+    request.state.images = len(response.images)
+    return Generated(response=response, model=info.model)

@@ -1,0 +1,1 @@
+"""One router per resource, as in vLLM's OpenAI server."""
