@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+from pathlib import Path
 
 from gateway.settings import GatewaySettings
 
@@ -27,6 +28,12 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (off: they answer 404)",
     )
+    parser.add_argument(
+        "--grpc-tls-ca",
+        type=Path,
+        default=None,
+        help="PEM root certificate of the gRPC server's TLS certificate: connect with TLS",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="largest request body")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -42,11 +49,13 @@ def run(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         enable_lora_admin=args.enable_lora_admin,
         max_body_bytes=args.max_body_bytes,
+        grpc_tls_ca=args.grpc_tls_ca,
     )
     log.info(
-        "gateway on http://%s:%d -> grpc %s (admin routes %s)",
+        "gateway on http://%s:%d -> grpc%s %s (admin routes %s)",
         args.host,
         args.port,
+        "+tls" if settings.grpc_tls_ca else "",
         settings.grpc_target,
         "on" if settings.enable_lora_admin else "off",
     )

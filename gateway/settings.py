@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -19,3 +20,5 @@ class GatewaySettings:
     max_body_bytes: int = 1024 * 1024
     # Seconds /health waits for the gRPC health check.
     health_timeout: float = 2.0
+    # PEM root certificate(s) that sign the gRPC server's certificate: the channel then uses TLS.
+    grpc_tls_ca: Path | None = None

@@ -1,14 +1,17 @@
-"""The `omni-grpc` command: `omni-grpc serve|gateway|bench ...`."""
+"""The `omni-grpc` command: `omni-grpc serve|gateway|bench|soak ...`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from omni_grpc.config import EngineConfig, Limits, ServerConfig
+
+ADMIN_TOKEN_ENV = "OMNI_GRPC_ADMIN_TOKEN"
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +30,19 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="[NAME=]PATH",
         help="adapter to pre-load and pin at start (repeatable); its id is derived from the path",
+    )
+    g.add_argument(
+        "--lora-dirs",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder clients may load adapters from by path, symlinks followed (repeatable); without it, "
+        "requests can use pre-loaded adapters only",
+    )
+    g.add_argument(
+        "--allow-any-lora-path",
+        action="store_true",
+        help="trusted single-user setups only: clients may load adapters from any path the server can read",
     )
     g.add_argument(
         "--max-loaded-adapters",
@@ -60,6 +76,15 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="largest height x width")
     lim.add_argument("--max-images", type=int, default=defaults.max_images, help="most images per request")
     lim.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
+    lim.add_argument(
+        "--max-lora-rank", type=int, default=defaults.max_lora_rank, help="largest rank an adapter may declare"
+    )
+    lim.add_argument(
+        "--max-queue",
+        type=int,
+        default=EngineConfig().max_queue,
+        help="most requests waiting for the model; beyond, RESOURCE_EXHAUSTED at once (0: unbounded)",
+    )
 
 
 def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = False) -> EngineConfig:
@@ -68,6 +93,9 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
         device=args.device,
         dtype=args.dtype,
         lora_paths=list(args.lora_path),
+        lora_dirs=list(args.lora_dirs),
+        allow_any_lora_path=args.allow_any_lora_path,
+        max_queue=args.max_queue,
         max_loaded_adapters=args.max_loaded_adapters,
         max_device_adapters=args.max_device_adapters,
         max_host_adapters=args.max_host_adapters,
@@ -80,6 +108,7 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
             max_pixels=args.max_pixels,
             max_images=args.max_images,
             max_prompt_chars=args.max_prompt_chars,
+            max_lora_rank=args.max_lora_rank,
         ),
     )
 
@@ -93,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     net.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and log it)")
     net.add_argument("--grace-period", type=float, default=30.0, help="seconds running requests get on shutdown")
+    net.add_argument(
+        "--max-request-bytes", type=int, default=ServerConfig().max_request_bytes, help="largest request message"
+    )
+    sec = serve.add_argument_group("security")
+    sec.add_argument(
+        "--admin-token",
+        default=os.environ.get(ADMIN_TOKEN_ENV),
+        help=f"LoadAdapter/UnloadAdapter need 'authorization: Bearer TOKEN' (default: ${ADMIN_TOKEN_ENV})",
+    )
+    sec.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    sec.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     gateway = sub.add_parser("gateway", help="run the REST gateway (OpenAI-style JSON) in front of a gRPC server")
     from gateway.cli import add_gateway_flags
@@ -103,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_flags(bench)
     bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    soak = sub.add_parser("soak", help="load/generate/unload cycles against a real server on loopback")
+    from omni_grpc.bench.soak import add_flags as add_soak_flags
+
+    add_soak_flags(soak)
+    soak.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
@@ -124,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             port=args.port,
             grace_period=args.grace_period,
+            max_request_bytes=args.max_request_bytes,
+            admin_token=args.admin_token or None,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
+        if (config.tls_cert is None) != (config.tls_key is None):
+            print("omni-grpc serve: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
         return asyncio.run(serve(config))
     if args.command == "gateway":
         from gateway.cli import run as run_gateway
@@ -134,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         from omni_grpc.bench.run import run
 
         return run(args)
+    if args.command == "soak":
+        from omni_grpc.bench.soak import run as run_soak
+
+        return run_soak(args)
     return 2
 
 

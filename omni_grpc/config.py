@@ -17,6 +17,8 @@ class Limits:
     max_prompt_chars: int = 10_000
     max_lora_scale: float = 10.0
     max_guidance_scale: float = 100.0
+    # Largest LoRA rank an adapter file may declare (checked from its header, before reading the tensors).
+    max_lora_rank: int = 256
 
 
 @dataclass
@@ -25,8 +27,12 @@ class EngineConfig:
     model: str | None = None
     device: str | None = None
     dtype: str = "auto"
-    # Pre-loaded, pinned adapters: "PATH" or "NAME=PATH".
+    # Pre-loaded, pinned adapters: "PATH" or "NAME=PATH". The operator's choice: allowed wherever they are.
     lora_paths: list[str] = field(default_factory=list)
+    # Folders clients may load adapters from by path (per request or LoadAdapter); none: no path loads.
+    lora_dirs: list[str] = field(default_factory=list)
+    # Trusted single-user setups (and offline use): any path the process can read.
+    allow_any_lora_path: bool = False
     # Bound on adapters in the table, in any tier (0: unbounded); the LRU unpinned, unused one is evicted.
     max_loaded_adapters: int = 1024
     # Adapters whose tensors stay on the device (0: unbounded), then in host memory; beyond, on disk only.
@@ -34,6 +40,8 @@ class EngineConfig:
     max_host_adapters: int = 256
     # Most images in one denoising batch (requests of one shape share it; 1 turns batching off).
     max_batch_size: int = 8
+    # Most Generate requests waiting for the worker; beyond, RESOURCE_EXHAUSTED at once (0: unbounded).
+    max_queue: int = 64
     limits: Limits = field(default_factory=Limits)
     cache_dir: Path | None = None
     # Show diffusers' progress bar (offline use); the server keeps it off.
@@ -49,5 +57,10 @@ class ServerConfig:
     grace_period: float = 30.0
     # Largest gRPC message, both ways (images of a big batch can exceed gRPC's 4 MiB default).
     max_message_bytes: int = 64 * 1024 * 1024
-    # Threads that wait on the engine for in-flight requests.
-    max_concurrent_requests: int = 64
+    # Largest request message; beyond, INVALID_ARGUMENT naming the limit (gRPC itself refuses 4x this).
+    max_request_bytes: int = 1024 * 1024
+    # Admin RPCs (LoadAdapter, UnloadAdapter) need "authorization: Bearer <token>" when set.
+    admin_token: str | None = None
+    # TLS for the gRPC port when both are set (PEM files).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None

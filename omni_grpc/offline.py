@@ -37,6 +37,10 @@ class Omni:
             lora_paths=paths,
             max_loaded_adapters=max_loaded_adapters,
             progress_bar=progress_bar,
+            # Offline, the caller is the operator: any adapter path it names is its own choice.
+            allow_any_lora_path=True,
+            # A Python caller may hand over any number of prompts at once.
+            max_queue=0,
         )
         self.engine = Engine(self.config).start()
 

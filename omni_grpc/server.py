@@ -17,9 +17,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from omni_grpc.auth import AdminTokenInterceptor
 from omni_grpc.config import ServerConfig
 from omni_grpc.engine.engine import Engine
-from omni_grpc.errors import ModelLoadError
+from omni_grpc.errors import ModelLoadError, OmniError
 from omni_grpc.servicer import OmniServicer
 from omni_grpc.v1 import omni_pb2, omni_pb2_grpc
 
@@ -37,14 +38,24 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
 
     engine = Engine(config.engine)
-    executor = ThreadPoolExecutor(max_workers=config.max_concurrent_requests, thread_name_prefix="omni-rpc")
+    # A thread per waiting or running request, plus some for admin calls: the queue bound (--max-queue),
+    # not the thread pool, decides when a request is refused.
+    cfg = config.engine
+    threads = (cfg.max_queue or 256) + cfg.max_batch_size + 16
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="omni-rpc")
+    interceptors = []
+    if config.admin_token:
+        admin = [f"/{SERVICE_NAME}/LoadAdapter", f"/{SERVICE_NAME}/UnloadAdapter"]
+        interceptors.append(AdminTokenInterceptor(config.admin_token, admin))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-        ]
+            # The servicer refuses requests over max_request_bytes by name; this is gRPC's hard wall.
+            ("grpc.max_receive_message_length", 4 * config.max_request_bytes),
+        ],
     )
-    servicer = OmniServicer(engine, executor)
+    servicer = OmniServicer(engine, executor, max_request_bytes=config.max_request_bytes)
     omni_pb2_grpc.add_OmniServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -54,12 +65,22 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
 
     address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except (RuntimeError, OSError) as exc:
         log.error("cannot listen on %s: %s", address, exc)
         return 1
     await server.start()
-    log.info("listening on %s:%d (health NOT_SERVING until the model is loaded)", config.host, port)
+    _log_security(config)
+    log.info(
+        "listening on %s:%d%s (health NOT_SERVING until the model is loaded)",
+        config.host,
+        port,
+        " with TLS" if config.tls_cert else "",
+    )
 
     loading = loop.run_in_executor(executor, engine.start)
     stopping = asyncio.ensure_future(stop.wait())
@@ -70,6 +91,9 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
             loading.result()
         except ModelLoadError as exc:
             log.error("model load failed: %s", exc.message)
+            exit_code = 1
+        except OmniError as exc:  # a --lora-path adapter that cannot be loaded
+            log.error("start-up failed: %s", exc.message)
             exit_code = 1
         except Exception:
             log.exception("start-up failed")
@@ -97,3 +121,19 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     executor.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")
     return exit_code
+
+
+def _log_security(config: ServerConfig) -> None:
+    """Say at start-up who may load what: an operator should never have to guess."""
+    engine = config.engine
+    if engine.allow_any_lora_path:
+        log.warning(
+            "--allow-any-lora-path: clients may load adapter files from ANY path this process can read; "
+            "use this only on a trusted single-user machine"
+        )
+    elif engine.lora_dirs:
+        log.info("clients may load adapters by path from: %s", ", ".join(engine.lora_dirs))
+    else:
+        log.info("adapters by path are off (no --lora-dirs): requests use pre-loaded adapters by name or id")
+    if not config.admin_token:
+        log.warning("no --admin-token: LoadAdapter and UnloadAdapter are open to every client")

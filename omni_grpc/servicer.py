@@ -16,12 +16,13 @@ from typing import NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from omni_grpc import convert
 from omni_grpc.engine.engine import Engine
-from omni_grpc.errors import OmniError, Unavailable
+from omni_grpc.errors import InvalidArgument, OmniError, Unavailable
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
 
@@ -30,9 +31,10 @@ T = TypeVar("T")
 
 
 class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
-    def __init__(self, engine: Engine, executor: Executor) -> None:
+    def __init__(self, engine: Engine, executor: Executor, *, max_request_bytes: int = 1 << 20) -> None:
         self._engine = engine
         self._executor = executor
+        self._max_request_bytes = max_request_bytes
         self._accepting = True
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -62,7 +64,7 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
             return convert.generate_response_to_pb(result)
 
         try:
-            return await self._call(work, context)
+            return await self._call(work, context, request)
         except asyncio.CancelledError:
             # The client went away or its deadline passed: stop the denoising at the next step.
             cancelled.set()
@@ -80,7 +82,7 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
             )
             return pb.LoadAdapterResponse(adapter=convert.adapter_to_pb(info), newly_loaded=newly)
 
-        return await self._call(work, context)
+        return await self._call(work, context, request)
 
     async def UnloadAdapter(
         self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
@@ -114,12 +116,22 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
 
         return await self._call(work, context)
 
-    async def _call(self, work: Callable[[], T], context: grpc.aio.ServicerContext) -> T:
+    async def _call(
+        self, work: Callable[[], T], context: grpc.aio.ServicerContext, request: Message | None = None
+    ) -> T:
         if not self._accepting:
             await _abort(context, Unavailable("the server is shutting down; retry on another replica"))
+        if request is not None and (size := request.ByteSize()) > self._max_request_bytes:
+            limit = self._max_request_bytes
+            await _abort(
+                context, InvalidArgument(f"the request is {size} bytes; the limit is {limit} (--max-request-bytes)")
+            )
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         self._idle.clear()
+        # Idle only once the reply has gone out, not when this method returns: a drain that stopped the
+        # server in between would cancel a finished call.
+        context.add_done_callback(self._call_done)
         try:
             return await loop.run_in_executor(self._executor, work)
         except OmniError as exc:
@@ -127,10 +139,11 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
         except Exception:
             log.exception("unexpected failure in a call from %s", context.peer())
             await _abort(context, OmniError("internal error; the server logged the details"))
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+
+    def _call_done(self, _context: grpc.aio.ServicerContext) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: OmniError) -> NoReturn:

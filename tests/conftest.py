@@ -59,7 +59,8 @@ def server(
 ) -> Iterator[ServerProcess]:
     """The shared server: embedded default model, one pinned pre-loaded adapter named "pre".
 
-    Its working directory is the adapter root, so relative adapter paths resolve there.
+    Clients may load adapters from the adapter root (where relative paths resolve first) and from
+    anywhere under pytest's base temporary folder (every test's tmp_path).
     """
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
     srv = start_server(
@@ -72,6 +73,10 @@ def server(
             "16",
             "--max-pixels",
             "1048576",
+            "--lora-dirs",
+            str(adapter_root),
+            "--lora-dirs",
+            str(tmp_path_factory.getbasetemp()),
         ],
         log_path=log_path,
         cwd=adapter_root,

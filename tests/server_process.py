@@ -33,8 +33,14 @@ class ServerProcess:
     channel: grpc.Channel = field(init=False)
     stub: omni_pb2_grpc.OmniServiceStub = field(init=False)
 
+    tls_ca: Path | None = None
+
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        if self.tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_ca.read_bytes())
+            self.channel = grpc.secure_channel(f"127.0.0.1:{self.port}", credentials)
+        else:
+            self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = omni_pb2_grpc.OmniServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -78,9 +84,11 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> int:
     return proc.returncode
 
 
-def spawn_omni(command: list[str], *, log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
+def spawn_omni(
+    command: list[str], *, log_path: Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`python -m omni_grpc COMMAND...` from this checkout, stdout and stderr into `log_path`."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     log_file = log_path.open("w")
     return subprocess.Popen(
@@ -93,11 +101,19 @@ def spawn_omni(command: list[str], *, log_path: Path, cwd: Path | None = None) -
 
 
 def start_server(
-    args: list[str], *, log_path: Path, cwd: Path | None = None, wait: bool = True, port: int | None = None
+    args: list[str],
+    *,
+    log_path: Path,
+    cwd: Path | None = None,
+    wait: bool = True,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    tls_ca: Path | None = None,
 ) -> ServerProcess:
     port = port or free_port()
-    proc = spawn_omni(["serve", "--host", "127.0.0.1", "--port", str(port), *args], log_path=log_path, cwd=cwd)
-    server = ServerProcess(proc=proc, port=port, log_path=log_path)
+    command = ["serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    proc = spawn_omni(command, log_path=log_path, cwd=cwd, env=env)
+    server = ServerProcess(proc=proc, port=port, log_path=log_path, tls_ca=tls_ca)
     if wait:
         server.wait_serving()
     return server

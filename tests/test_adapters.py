@@ -260,7 +260,16 @@ def test_health_and_reflection(server: ServerProcess) -> None:
 @pytest.fixture(scope="module")
 def small_server(cache_root: Path, preloaded: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = start_server(
-        ["--cache-dir", str(cache_root), "--lora-path", str(preloaded), "--max-loaded-adapters", "3"],
+        [
+            "--cache-dir",
+            str(cache_root),
+            "--lora-path",
+            str(preloaded),
+            "--max-loaded-adapters",
+            "3",
+            "--lora-dirs",
+            str(tmp_path_factory.getbasetemp()),
+        ],
         log_path=tmp_path_factory.mktemp("logs") / "small.log",
     )
     yield srv

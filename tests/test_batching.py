@@ -20,7 +20,7 @@ from tests.lora_factory import make_peft_adapter
 
 @pytest.fixture(scope="module")
 def engine(cache_root: Path) -> Iterator[Engine]:
-    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=8)).start()
+    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=8, allow_any_lora_path=True)).start()
     yield eng
     eng.close()
 
@@ -115,7 +115,7 @@ def test_with_and_without_negative_prompt_do_not_share_a_batch(engine: Engine) -
 
 
 def test_max_batch_size_splits_the_queue(cache_root: Path) -> None:
-    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=2)).start()
+    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=2, allow_any_lora_path=True)).start()
     try:
         results = [f.result() for f in run_together(eng, [request(seed=s) for s in range(5)])]
         assert sorted(r.batch_size for r in results) == [1, 2, 2, 2, 2]

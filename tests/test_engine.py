@@ -29,7 +29,7 @@ PROMPT = "a lighthouse at dusk"
 
 @pytest.fixture(scope="module")
 def engine(cache_root: Path) -> Iterator[Engine]:
-    eng = Engine(EngineConfig(cache_dir=cache_root, max_loaded_adapters=4)).start()
+    eng = Engine(EngineConfig(cache_dir=cache_root, max_loaded_adapters=4, allow_any_lora_path=True)).start()
     yield eng
     eng.close()
 
@@ -121,7 +121,7 @@ def test_unreadable_paths_and_bad_patterns_are_invalid_argument(engine: Engine, 
 def test_sd15_unet_family(tmp_path: Path) -> None:
     model = build_tiny_sd15(tmp_path / "sd15")
     adapter = make_peft_adapter(model, tmp_path / "unet_lora", rank=4, alpha=2, unet=True, magnitude=0.5)
-    eng = Engine(EngineConfig(model=str(model))).start()
+    eng = Engine(EngineConfig(model=str(model), allow_any_lora_path=True)).start()
     try:
         assert eng.pipeline.family == "sd" and eng.pipeline.spatial_multiple == 8
         base = run(eng, steps=2)

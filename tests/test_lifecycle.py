@@ -22,6 +22,7 @@ from omni_grpc.config import EngineConfig, ServerConfig
 from omni_grpc.engine.engine import Engine
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
+from tests.lora_factory import make_peft_adapter
 from tests.server_process import REPO, free_port, start_server
 from tests.test_adapters import listed, wait_for
 
@@ -43,14 +44,15 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_zero(
     request = pb.GenerateRequest(
         prompt="p", lora_request=pb.LoraRequest(name="pre"), sampling_params=pb.SamplingParams(num_inference_steps=80)
     )
-    running = srv.stub.Generate.future(request, timeout=120)
-    wait_for(lambda: listed(srv)["pre"].in_use == 1)
+    # Under load: five requests in flight (some batched together, some queued) when SIGTERM arrives.
+    running = [srv.stub.Generate.future(request, timeout=120) for _ in range(5)]
+    wait_for(lambda: listed(srv)["pre"].in_use == 5)
     srv.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses)
     with pytest.raises(grpc.RpcError) as refused:
         srv.stub.Generate(pb.GenerateRequest(prompt="late"), timeout=30)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert len(running.result().images) == 1  # the running request finished normally
+    assert [len(f.result().images) for f in running] == [1] * 5  # every admitted request finished normally
     assert srv.proc.wait(60) == 0
     watcher.join(10)
     assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
@@ -112,11 +114,14 @@ def test_health_is_not_serving_until_the_model_is_loaded(cache_root: Path, monke
     assert codes == [0]
 
 
-def test_the_readme_run_command_serves_grpc_and_the_gateway(cache_root: Path, tmp_path: Path) -> None:
+def test_the_readme_run_command_serves_grpc_and_the_gateway(cache_root: Path, model_dir: Path, tmp_path: Path) -> None:
     """`bash scripts/serve.sh`: both processes up, both answering; SIGTERM stops both, exit 0."""
     grpc_port, http_port = free_port(), free_port()
+    loras = tmp_path / "loras"
+    adapter = make_peft_adapter(model_dir, loras / "lora_adapter", rank=2, alpha=2, seed=5)
     env = {
         **os.environ,
+        "OMNI_LORA_DIRS": str(loras),
         "OMNI_GRPC_PORT": str(grpc_port),
         "OMNI_GATEWAY_PORT": str(http_port),
         # The venv running these tests, already installed by the README's test command.
@@ -134,8 +139,13 @@ def test_the_readme_run_command_serves_grpc_and_the_gateway(cache_root: Path, tm
                     break
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
-        body = {"messages": [{"role": "user", "content": "x"}], "height": 64, "width": 64, "num_inference_steps": 2}
-        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        body = {
+            "messages": [{"role": "user", "content": "x"}],
+            "lora_request": {"path": str(adapter), "name": "my_lora"},
+            "sampling_params": {"height": 64, "width": 64, "num_inference_steps": 2},
+        }
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 200 and reply.json()["omni"]["adapter"]["name"] == "my_lora", reply.text
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             info = omni_pb2_grpc.OmniServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
         assert info.model == "omni-grpc/tiny-sd3" and info.default_height == 64 and info.spatial_multiple == 16

@@ -104,3 +104,46 @@ def test_a_failing_move_down_does_not_fail_or_leak_the_request(paths: list[str])
     backend.fail_moves = False
     table.acquire(LoraRequest(name="a1")).release()  # the next admission restores the bound
     assert table.tier_counts() == actual_counts(table) == {"device": 1, "host": 1, "disk": 0}
+
+
+class PickyBackend(GatedBackend):
+    """Refuses the folders whose name starts with "bad", after a pause (as a real read would take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = threading.Barrier(3)
+
+    def load(self, path: str, internal_name: str) -> LoadedAdapter:
+        if Path(path).name.startswith("bad"):
+            self.reading.wait(10)  # three bad loads in flight at once
+            raise ValueError(f"{path} is not an adapter")
+        return super().load(path, internal_name)
+
+
+def test_failed_loads_never_evict_an_adapter_nor_take_a_slot(tmp_path: Path) -> None:
+    good = [tmp_path / name for name in ("pinned", "idle")]
+    bad = [tmp_path / f"bad{i}" for i in range(3)]
+    for folder in good + bad:
+        folder.mkdir()
+    backend = PickyBackend()
+    table = AdapterTable(backend, max_loaded=3)
+    table.load(str(good[0]), pin=True)
+    table.load(str(good[1]))
+    errors: list[BaseException] = []
+
+    def load_bad(path: Path) -> None:
+        try:
+            table.load(str(path))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load_bad, args=(path,)) for path in bad]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    # Each got its own error (none a RESOURCE_EXHAUSTED for slots taken by loads in flight) ...
+    assert sorted(type(e).__name__ for e in errors) == ["ValueError"] * 3
+    # ... and the idle adapter is still there: one free slot, untouched.
+    assert {info.name for info in table.list()} == {"pinned", "idle"}
+    assert len(backend.slots) == 2

@@ -27,7 +27,13 @@ def write_adapter(folder: Path, seed: int, rank: int = 2) -> Path:
 @pytest.fixture
 def engine(cache_root: Path) -> Iterator[Engine]:
     eng = Engine(
-        EngineConfig(cache_dir=cache_root, max_loaded_adapters=0, max_device_adapters=2, max_host_adapters=3)
+        EngineConfig(
+            cache_dir=cache_root,
+            max_loaded_adapters=0,
+            max_device_adapters=2,
+            max_host_adapters=3,
+            allow_any_lora_path=True,
+        )
     ).start()
     yield eng
     eng.close()

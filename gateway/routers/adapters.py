@@ -1,5 +1,6 @@
 """Admin routes with vLLM's names, mapped to LoadAdapter / UnloadAdapter. Off unless the gateway runs
-with --enable-lora-admin: then they answer 404 naming the flag."""
+with --enable-lora-admin (else 404 naming the flag). The caller's Authorization header is passed through
+to the gRPC server, which checks its admin token."""
 
 from __future__ import annotations
 
@@ -31,18 +32,21 @@ def require_admin(settings: Settings) -> None:
         )
 
 
-@router.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)], responses=errors(400, 404, 409, 422, 503))
+@router.post(
+    "/v1/load_lora_adapter", dependencies=[Depends(require_admin)], responses=errors(400, 401, 403, 404, 409, 422, 503)
+)
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, client: Client) -> LoadLoraAdapterResponse:
     """Load an adapter into the server's table (idempotent for the same path)."""
     message = pb.LoadAdapterRequest(path=body.lora_path, name=body.lora_name, pin=body.pin)
     if body.lora_int_id is not None:
         message.id = body.lora_int_id
-    reply = await rpc(client.load_adapter(message), request=request, params=_LOAD_PARAMS)
+    auth = request.headers.get("authorization")
+    reply = await rpc(client.load_adapter(message, authorization=auth), request=request, params=_LOAD_PARAMS)
     request.state.adapter = reply.adapter.name
     return LoadLoraAdapterResponse(adapter=adapter_out(reply.adapter), newly_loaded=reply.newly_loaded)
 
 
-@router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)], responses=errors(400, 404, 503))
+@router.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)], responses=errors(400, 401, 404, 503))
 async def unload_lora_adapter(
     body: UnloadLoraAdapterRequest, request: Request, client: Client
 ) -> UnloadLoraAdapterResponse:
@@ -52,7 +56,8 @@ async def unload_lora_adapter(
         message.name = body.lora_name
     else:
         message.id = body.lora_int_id  # type: ignore[assignment]
-    reply = await rpc(client.unload_adapter(message), request=request, params=_UNLOAD_PARAMS)
+    auth = request.headers.get("authorization")
+    reply = await rpc(client.unload_adapter(message, authorization=auth), request=request, params=_UNLOAD_PARAMS)
     request.state.adapter = reply.adapter.name
     return UnloadLoraAdapterResponse(adapter=adapter_out(reply.adapter))
 

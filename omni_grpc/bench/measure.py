@@ -74,7 +74,12 @@ def mixed_workload(
     gc.collect()
 
     config = ServerConfig(
-        engine=EngineConfig(model=str(model.path), max_batch_size=clients, max_device_adapters=adapters + 1),
+        engine=EngineConfig(
+            model=str(model.path),
+            max_batch_size=clients,
+            max_device_adapters=adapters + 1,
+            lora_dirs=[str(root)],
+        ),
         port=port,
         grace_period=5,
     )
@@ -114,7 +119,7 @@ def mixed_workload(
 
 
 def _engine(model: BenchModel, **config: object) -> Engine:
-    return Engine(EngineConfig(model=str(model.path), **config)).start()  # type: ignore[arg-type]
+    return Engine(EngineConfig(model=str(model.path), allow_any_lora_path=True, **config)).start()  # type: ignore[arg-type]
 
 
 def _request(size: int, steps: int, lora: LoraRequest | None, seed: int = 0) -> GenerateRequest:

@@ -253,7 +253,6 @@ class AdapterTable:
             raise InvalidArgument(f"adapter id must be between 1 and 2^63-1, got {adapter_id}", field="id")
         norm = normalize_path(path)
         while True:
-            victim: AdapterEntry | None = None
             with self._lock:
                 existing = self._by_path.get(norm)
                 if existing is not None:
@@ -275,12 +274,8 @@ class AdapterTable:
                     new_id = adapter_id if adapter_id is not None else derive_adapter_id(norm)
                     self._check_id_free_locked(new_id, norm)
                     new_name = self._choose_name_locked(norm, new_id, name)
-                    victim = self._make_room_locked()
                     pending = _Pending(new_id, new_name, explicit_name=name is not None)
                     self._pending[norm] = pending
-            if victim is not None:
-                log.info("adapter evicted from the table (--max-loaded-adapters) id=%d name=%s", victim.id, victim.name)
-                self._detach(victim)
             if owner:
                 return self._read_and_register(norm, pending, pin=pin, hold=hold), True
             entry = pending.done.result()  # re-raises the loader's error for every waiter
@@ -306,26 +301,22 @@ class AdapterTable:
             pending.done.set_exception(exc)
             raise
         load_ms = (time.perf_counter() - started) * 1000
-        with self._lock:
-            loads = self._loads_by_path.get(norm, 0) + 1
-            self._loads_by_path[norm] = loads
-            entry = AdapterEntry(
-                id=pending.id,
-                name=pending.name,
-                path=norm,
-                internal_name=internal,
-                loaded=loaded,
-                pinned=pin,
-                load_time_ms=load_ms,
-                loads=loads,
-            )
-            self._by_id[entry.id] = entry
-            self._by_name[entry.name] = entry
-            self._by_path[norm] = entry
-            self._tier_counts[Tier.DEVICE] += 1
-            del self._pending[norm]
-            if hold:
-                self._hold_locked(entry)
+        # Room is made only for an adapter that loaded: a bad file must never evict a good adapter.
+        try:
+            with self._lock:
+                victim = self._make_room_locked()
+                entry = self._register_locked(norm, pending, internal, loaded, pin=pin, load_ms=load_ms)
+                if hold:
+                    self._hold_locked(entry)
+        except BaseException as exc:
+            self._backend.unload(internal)
+            with self._lock:
+                self._pending.pop(norm, None)
+            pending.done.set_exception(exc)
+            raise
+        if victim is not None:
+            log.info("adapter evicted from the table (--max-loaded-adapters) id=%d name=%s", victim.id, victim.name)
+            self._detach(victim)
         pending.done.set_result(entry)
         if not hold:
             self._rebalance_best_effort()
@@ -342,6 +333,28 @@ class AdapterTable:
             pin,
             load_ms,
         )
+        return entry
+
+    def _register_locked(
+        self, norm: str, pending: _Pending, internal: str, loaded: LoadedAdapter, *, pin: bool, load_ms: float
+    ) -> AdapterEntry:
+        loads = self._loads_by_path.get(norm, 0) + 1
+        self._loads_by_path[norm] = loads
+        entry = AdapterEntry(
+            id=pending.id,
+            name=pending.name,
+            path=norm,
+            internal_name=internal,
+            loaded=loaded,
+            pinned=pin,
+            load_time_ms=load_ms,
+            loads=loads,
+        )
+        self._by_id[entry.id] = entry
+        self._by_name[entry.name] = entry
+        self._by_path[norm] = entry
+        self._tier_counts[Tier.DEVICE] += 1
+        del self._pending[norm]
         return entry
 
     def _release(self, entry: AdapterEntry) -> None:
@@ -494,14 +507,15 @@ class AdapterTable:
         return candidate if candidate not in taken else f"{candidate[:100]}-{adapter_id:x}"
 
     def _make_room_locked(self) -> AdapterEntry | None:
-        if not self.max_loaded or len(self._by_id) + len(self._pending) < self.max_loaded:
+        # Loads in flight do not count: they take a slot only once their file has been read and checked.
+        if not self.max_loaded or len(self._by_id) < self.max_loaded:
             return None
         for entry in self._by_id.values():  # least recently used first
             if not entry.pinned and entry.in_use == 0:
                 self._remove_locked(entry)
                 return entry
         raise ResourceExhausted(
-            f"all {self.max_loaded} adapter slots (--max-loaded-adapters) are pinned, in use or loading; "
+            f"all {self.max_loaded} adapter slots (--max-loaded-adapters) are pinned or in use; "
             "unload one or retry later"
         )
 

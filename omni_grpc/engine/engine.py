@@ -5,6 +5,7 @@ It knows nothing of gRPC. The servicer, the offline `Omni` API and the example s
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -21,6 +22,7 @@ from omni_grpc.engine import lora_io
 from omni_grpc.engine.adapters import AdapterLease, AdapterTable, LoadedAdapter, Tier, parse_lora_spec
 from omni_grpc.engine.imaging import encode_image
 from omni_grpc.engine.lora_layers import MultiLora
+from omni_grpc.engine.path_policy import PathPolicy
 from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline, run_pipeline
 from omni_grpc.engine.scheduler import BatchItem, Worker
 from omni_grpc.engine.types import (
@@ -32,7 +34,14 @@ from omni_grpc.engine.types import (
     LoraRequest,
     Timings,
 )
-from omni_grpc.errors import Cancelled, DeadlineExceeded, InvalidArgument, OmniError, Unavailable
+from omni_grpc.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    OmniError,
+    ResourceExhausted,
+    Unavailable,
+)
 
 log = logging.getLogger("omni_grpc.requests")
 MAX_SEED = (1 << 64) - 1
@@ -120,12 +129,13 @@ class _PipelineAdapters:
     calling thread, so loads never queue behind running batches; only a module's first hook needs the
     worker."""
 
-    def __init__(self, worker: Worker, lora: MultiLora) -> None:
+    def __init__(self, worker: Worker, lora: MultiLora, max_rank: int) -> None:
         self._worker = worker
         self._lora = lora
+        self._max_rank = max_rank
 
     def load(self, path: str, internal_name: str) -> LoadedAdapter:
-        weights = lora_io.read_adapter(path)
+        weights = lora_io.read_adapter(path, max_rank=self._max_rank)
         slot = self._lora.make_slot(weights)  # checks that the adapter fits the model
         if self._lora.needs_hooks(slot):
             self._worker.call(lambda: self._lora.install_hooks(slot))
@@ -156,6 +166,10 @@ class Engine:
         self._lora: MultiLora | None = None
         self._ready = threading.Event()
         self._request_ids = itertools.count(1)
+        self._paths = PathPolicy(self.config.lora_dirs, allow_any=self.config.allow_any_lora_path)
+        # Generate requests inside the engine (waiting or running), for the --max-queue bound.
+        self._outstanding = 0
+        self._outstanding_lock = threading.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -170,14 +184,15 @@ class Engine:
         pipeline = self._pipeline
         self._lora = MultiLora(pipeline.denoiser, pipeline.device, pipeline.dtype)
         self._table = AdapterTable(
-            _PipelineAdapters(self._worker, self._lora),
+            _PipelineAdapters(self._worker, self._lora, cfg.limits.max_lora_rank),
             max_loaded=cfg.max_loaded_adapters,
             max_device=cfg.max_device_adapters,
             max_host=cfg.max_host_adapters,
         )
         for spec in cfg.lora_paths:
             name, path = parse_lora_spec(spec)
-            self._table.load(path, name=name, pin=True)
+            info, _ = self._table.load(path, name=name, pin=True)
+            self._paths.allow(info.path)
         self._ready.set()
         return self
 
@@ -226,6 +241,7 @@ class Engine:
 
         Raises the first request's error, if any.
         """
+        self._reserve(len(requests))
         admissions = [_Admission(next(self._request_ids), request) for request in requests]
         submitted = False
         try:
@@ -242,6 +258,23 @@ class Engine:
                     item.future.add_done_callback(lambda future, a=admission: self._close(a, future))
                 else:
                     self._close(admission)
+            self._unreserve(len(requests))
+
+    def _reserve(self, count: int) -> None:
+        """Refuse at once, rather than queue without bound, when --max-queue requests already wait."""
+        bound = self.config.max_queue
+        with self._outstanding_lock:
+            # A full batch may be running besides the waiting ones.
+            if bound and self._outstanding + count > bound + self.config.max_batch_size:
+                waiting = max(0, self._outstanding - self.config.max_batch_size)
+                raise ResourceExhausted(
+                    f"the server is at capacity: {waiting} requests are waiting (--max-queue {bound}); retry later"
+                )
+            self._outstanding += count
+
+    def _unreserve(self, count: int) -> None:
+        with self._outstanding_lock:
+            self._outstanding -= count
 
     def _close(self, admission: _Admission, future: Future | None = None) -> None:
         """Release the request's adapter and write its log line."""
@@ -260,7 +293,10 @@ class Engine:
             if request.lora is not None:
                 self._check_scale(request.lora)
                 try:
-                    admission.lease = self._adapters.acquire(request.lora)
+                    lora = request.lora
+                    if lora.path:
+                        lora = dataclasses.replace(lora, path=self._paths.resolve(lora.path))
+                    admission.lease = self._adapters.acquire(lora)
                 except OmniError as exc:
                     # The table names its own fields ("path"); in a Generate they sit under lora_request.
                     if exc.field in ("path", "name", "id", "scale"):
@@ -319,7 +355,7 @@ class Engine:
     def load_adapter(
         self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
     ) -> tuple[AdapterInfo, bool]:
-        return self._adapters.load(path, name=name, adapter_id=adapter_id, pin=pin)
+        return self._adapters.load(self._paths.resolve(path), name=name, adapter_id=adapter_id, pin=pin)
 
     def unload_adapter(
         self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None
@@ -429,6 +465,31 @@ class Engine:
             live.append(item)
         if not live:
             return
+        try:
+            self._run_together(live, started)
+        except _AllStopped:
+            return
+        except Exception as exc:
+            if len(live) == 1:
+                raise _as_resource_error(exc) from exc
+            # One request's failure (memory for the whole batch, a bad input) must not fail its batch mates:
+            # run each alone; only the ones that fail alone fail.
+            log.warning(
+                "a batch of %d requests failed (%s: %s); running each alone", len(live), type(exc).__name__, exc
+            )
+            _free_cached_memory()
+            for item in live:
+                if item.future.done():
+                    continue
+                try:
+                    self._run_together([item], time.perf_counter())
+                except _AllStopped:
+                    continue
+                except Exception as alone:  # noqa: BLE001 - whatever fails alone fails that request only
+                    item.future.set_exception(_as_resource_error(alone))
+
+    def _run_together(self, live: list[BatchItem], started: float) -> None:
+        """One pipeline call for `live`; fills each request's future."""
         samples: list[tuple[str | None, float]] = []
         prompts: list[str] = []
         negatives: list[str] = []
@@ -469,8 +530,6 @@ class Engine:
                     seeds=seeds,
                     on_step=on_step,
                 )
-            except _AllStopped:
-                return
             finally:
                 pipeline.guidance.clear()
             inference_ms = (time.perf_counter() - denoise_start) * 1000
@@ -519,6 +578,30 @@ class Engine:
             timings.encode_ms,
             (time.perf_counter() - admission.arrived) * 1000,
         )
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _as_resource_error(exc: Exception) -> Exception:
+    """Out of memory is the client's to fix (fewer images, a smaller size): RESOURCE_EXHAUSTED, not INTERNAL."""
+    if _is_out_of_memory(exc):
+        _free_cached_memory()
+        return ResourceExhausted("out of memory for this request; retry with fewer images or a smaller size")
+    return exc
+
+
+def _free_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _stop_check(cancelled: Callable[[], bool] | None, deadline: float | None) -> Callable[[int], None]:

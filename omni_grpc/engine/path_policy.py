@@ -1,0 +1,83 @@
+"""Which adapter paths a client may name: only ones inside the operator's --lora-dirs.
+
+Checked on the string and on the real path (symlinks followed) before any adapter file is opened, so a
+request cannot make the server read outside those folders. Adapters the operator pre-loads with
+--lora-path are the operator's choice and stay allowed wherever they are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from omni_grpc.errors import InvalidArgument, PermissionDenied
+
+# The files an adapter folder may hold that the server reads (see lora_io).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
+
+
+class PathPolicy:
+    def __init__(self, roots: Iterable[str], *, allow_any: bool = False) -> None:
+        # Real paths, so that a root given through a symlink still contains what it points to.
+        self._roots = [os.path.realpath(os.path.expanduser(root)) for root in roots]
+        self._allow_any = allow_any
+        self._operator_paths: set[str] = set()
+
+    @property
+    def roots(self) -> list[str]:
+        return list(self._roots)
+
+    def allow(self, real_path: str) -> None:
+        """An operator's adapter (--lora-path): clients may name it by path too."""
+        self._operator_paths.add(real_path)
+
+    def resolve(self, path: str) -> str:
+        """The real path `path` names, if a client may load it; raises otherwise, opening nothing.
+
+        Relative paths are taken relative to each root in turn (the first where the path exists wins).
+        """
+        if not path:
+            raise InvalidArgument("adapter path must not be empty", field="path")
+        if "\x00" in path:
+            raise InvalidArgument("adapter path must not contain NUL bytes", field="path")
+        expanded = os.path.expanduser(path)
+        if self._allow_any:
+            return os.path.realpath(expanded)
+        if os.path.isabs(expanded):
+            candidates = [os.path.realpath(expanded)]
+        else:
+            candidates = [os.path.realpath(os.path.join(root, expanded)) for root in self._roots]
+            # Prefer a root where the path exists; otherwise the first (NOT_FOUND follows from the read).
+            candidates.sort(key=lambda candidate: not os.path.lexists(candidate))
+        for real in candidates:
+            if real in self._operator_paths:
+                return real
+            if self._inside_a_root(real):
+                self._check_files_inside(path, real)
+                return real
+        if not self._roots:
+            raise PermissionDenied(
+                f"adapter path '{path}' is refused: this server loads adapters by path only from the folders "
+                "given with --lora-dirs, and none were given (adapters pre-loaded with --lora-path can be used "
+                "by name or id)",
+                field="path",
+            )
+        raise PermissionDenied(
+            f"adapter path '{path}' is outside the adapter folders this server allows (--lora-dirs)", field="path"
+        )
+
+    def _check_files_inside(self, path: str, real: str) -> None:
+        """A folder inside whose adapter files link elsewhere escapes too (checked with lstat, not open)."""
+        if not os.path.isdir(real):
+            return
+        for name in ADAPTER_FILES:
+            file = os.path.join(real, name)
+            if os.path.lexists(file) and not self._inside_a_root(os.path.realpath(file)):
+                raise PermissionDenied(
+                    f"adapter path '{path}': its file {name} links outside the adapter folders this server "
+                    "allows (--lora-dirs)",
+                    field="path",
+                )
+
+    def _inside_a_root(self, real: str) -> bool:
+        return any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self._roots)
