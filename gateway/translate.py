@@ -81,19 +81,21 @@ def generation_request(
     if nested:
         _fill_nested(body, request)
         params["negative_prompt"] = "sampling_params.negative_prompt"
-        params["sampling_params.num_images"] = count_param or "sampling_params.num_images"
+        shape_count = "sampling_params.num_images"
     else:
         _fill_flat(body, request, params)
-        params["sampling_params.num_images"] = count_param or "num_outputs_per_prompt"
+        shape_count = "num_outputs_per_prompt"
+    params["sampling_params.num_images"] = shape_count
     if count is not None:
         if request.sampling_params.HasField("num_images"):
             raise ApiError(
                 400,
-                f"{count_param} and {params['sampling_params.num_images']} both set the number of images; give one",
+                f"{count_param} and {shape_count} both set the number of images; give one",
                 param=count_param,
                 code="invalid_argument",
             )
         request.sampling_params.num_images = count
+        params["sampling_params.num_images"] = count_param or shape_count
     return Generation(request=request, params=params)
 
 

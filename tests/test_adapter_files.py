@@ -282,7 +282,7 @@ def test_os_errors_become_invalid_argument(tmp_path: Path, monkeypatch: pytest.M
     message = refused(folder)
     assert f"{folder / 'adapter_model.safetensors'} could not be read: [Errno 5] Input/output error" in message
 
-    def denied(file: Path) -> None:
+    def denied(file: Path, _may_open: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(file))
 
     monkeypatch.setattr(lora_io, "_open_regular", denied)
@@ -378,8 +378,10 @@ def _config(**fields: Any) -> str:
         (_config(rank_pattern=[1]), "'rank_pattern' must be an object of module patterns, got list"),
         (_config(rank_pattern={"to_q": 0}), "'rank_pattern' 'to_q' must be a positive integer, got 0"),
         (_config(alpha_pattern={"to_q": "x"}), "'alpha_pattern' 'to_q' must be a finite number, got 'x'"),
-        (_config(rank_pattern={"(": 2}), "'rank_pattern' key '(' is not a valid pattern"),
-        (_config(alpha_pattern={"a{99999999999}": 2}), "'alpha_pattern' key 'a{99999999999}' is not a valid pattern"),
+        (_config(rank_pattern={"(": 2}), "'rank_pattern' key '(' is not a module name"),
+        (_config(alpha_pattern={"a{99999999999}": 2}), "'alpha_pattern' key 'a{99999999999}' is not a module name"),
+        # A catastrophic-backtracking regex never runs: refused as a key.
+        (_config(rank_pattern={"(a+)+b": 2}), "regular expressions are not accepted"),
         (_config(peft_type="LOHA"), "peft_type 'LOHA' is not supported, only LORA"),
         ("[1, 2]", "must hold a JSON object, not list"),
         ("{", "is not valid JSON"),

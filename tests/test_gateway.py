@@ -313,7 +313,10 @@ def test_images_errors(gateway: GatewayProcess) -> None:
     post = gateway.post
     assert_error(post("/v1/images/generations", {"n": 1}), 400, code="invalid_argument", param="prompt")
     both = {"prompt": PROMPT, "n": 2, "num_outputs_per_prompt": 2}
-    assert_error(post("/v1/images/generations", both), 400, code="invalid_argument", param="n", words="give one")
+    error = assert_error(post("/v1/images/generations", both), 400, code="invalid_argument", param="n")
+    assert error["message"] == "n and num_outputs_per_prompt both set the number of images; give one"
+    flat = {"prompt": PROMPT, "num_outputs_per_prompt": 99}
+    assert_error(post("/v1/images/generations", flat), 400, code="invalid_argument", param="num_outputs_per_prompt")
     url = {"prompt": PROMPT, "response_format": "url"}
     assert_error(post("/v1/images/generations", url), 400, code="invalid_argument", param="response_format")
     assert_error(post("/v1/images/generations", {"prompt": PROMPT, "n": 9}), 400, code="invalid_argument", param="n")
@@ -326,6 +329,23 @@ def test_malformed_json_is_400_never_500(gateway: GatewayProcess, raw: bytes) ->
     )
     error = assert_error(response, 400, code=response.json()["error"]["code"])
     assert error["code"] in ("invalid_json", "invalid_argument") and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("route", "raw", "param"),
+    [
+        ("/v1/images/generations", rb'{"prompt": "a\ud800"}', "prompt"),
+        ("/v1/images/generations", rb'{"prompt": "a", "lora": {"path": "\udc00"}}', "lora.path"),
+        ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "\ud800"}]}', "messages.0.content"),
+        ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "x"}], "\ud800": 1}', "<key>"),
+    ],
+)
+def test_lone_surrogates_are_400_not_500(gateway: GatewayProcess, route: str, raw: bytes, param: str) -> None:
+    """JSON can escape a lone surrogate; Python's reader takes it, protobuf cannot encode it."""
+    response = httpx.post(
+        f"{gateway.url}{route}", content=raw, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert_error(response, 400, code="invalid_argument", param=param, words="not valid Unicode")
 
 
 def test_other_http_errors_are_openai_shaped(gateway: GatewayProcess) -> None:

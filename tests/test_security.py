@@ -120,7 +120,7 @@ def test_paths_that_escape_are_permission_denied(
 
 
 def test_an_escaping_path_is_refused_before_any_file_is_opened(guarded: ServerProcess, outside: Path) -> None:
-    # Opening a FIFO for reading blocks until a writer comes: a server that opened it would hang here.
+    # A FIFO outside: refused by its path alone (lora_io would also refuse it as not a regular file).
     fifo_dir = outside / "fifo_adapter"
     fifo_dir.mkdir(exist_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -285,3 +285,36 @@ def test_tls_for_the_server_and_the_gateways_channel(cache_root: Path, tmp_path:
             plain_gateway.stop()
     finally:
         srv.stop()
+
+
+def test_a_link_swapped_in_before_a_reread_from_disk_is_refused(
+    cache_root: Path, model_dir: Path, outside: Path, tmp_path: Path
+) -> None:
+    """The folder check at load time is not enough: files are checked again at every open."""
+    from omni_grpc.config import EngineConfig
+    from omni_grpc.engine.engine import Engine
+    from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
+    from omni_grpc.errors import PermissionDenied
+
+    root = tmp_path / "loras"
+    paths = [make_peft_adapter(model_dir, root / name, rank=2, alpha=2, seed=i) for i, name in enumerate("abc")]
+    config = EngineConfig(cache_dir=cache_root, lora_dirs=[str(root)], max_device_adapters=1, max_host_adapters=1)
+    engine = Engine(config).start()
+    try:
+
+        def run(lora: LoraRequest) -> None:
+            sampling = SamplingParams(height=64, width=64, num_inference_steps=1, seed=1)
+            engine.generate(GenerateRequest(prompt="p", sampling=sampling, lora=lora))
+
+        for path in paths:
+            run(LoraRequest(path=str(path)))
+        assert {a.name: a.tier for a in engine.list_adapters()}["a"] == "disk"
+        secret = outside / "secret.safetensors"
+        shutil.copy(paths[0] / "adapter_model.safetensors", secret)
+        (paths[0] / "adapter_model.safetensors").unlink()
+        (paths[0] / "adapter_model.safetensors").symlink_to(secret)
+        with pytest.raises(PermissionDenied, match="outside the adapter folders"):
+            run(LoraRequest(name="a"))
+        run(LoraRequest(name="b"))  # the others are unaffected
+    finally:
+        engine.close()

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.errors import ApiError
+
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
 
@@ -23,9 +25,45 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 
 class StrictBody(BaseModel):
-    """Unknown fields are an error, never silently ignored (a typo would otherwise change the image)."""
+    """Unknown fields are an error, never silently ignored (a typo would otherwise change the image).
+
+    Text must be valid Unicode: JSON escapes can spell a lone surrogate ("\\ud800"), which Python's JSON
+    reader accepts but protobuf cannot encode.
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _lone_surrogate_at(data, ())
+        if where is not None:
+            place = ".".join(where) or None
+            # An ApiError, not a ValueError: pydantic would report it at the model, losing the field's path.
+            message = f"{place or 'the body'} holds text that is not valid Unicode (a lone surrogate escape)"
+            raise ApiError(400, message, param=place)
+        return data
+
+
+def _lone_surrogate_at(value: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The path of the first string (key or value) that cannot be encoded as UTF-8, if any."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        found = _lone_surrogate_at(key, (*path, "<key>")) or _lone_surrogate_at(item, (*path, str(key)))
+        if found is not None:
+            return found
+    return None
 
 
 class LoraRequestBody(StrictBody):

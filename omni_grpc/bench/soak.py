@@ -251,10 +251,11 @@ def _spawn_server(args: argparse.Namespace, lora_dir: Path, token: str, log_path
 
     port = _free_port()
     command = [sys.executable, "-m", "omni_grpc", "serve", "--host", "127.0.0.1", f"--port={port}"]
-    command += [f"--lora-dirs={lora_dir}", f"--admin-token={token}"]
+    command += [f"--lora-dirs={lora_dir}"]
     if args.cache_dir is not None:
         command.append(f"--cache-dir={args.cache_dir}")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # The token goes by environment, not argv, where any local user could read it from `ps`.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMNI_GRPC_ADMIN_TOKEN": token}
     # The server runs from this same checkout, installed or not.
     root = str(Path(omni_grpc.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)

@@ -6,6 +6,7 @@ It knows nothing of gRPC. The servicer, the offline `Omni` API and the example s
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import math
@@ -19,7 +20,14 @@ from typing import Any
 
 from omni_grpc.config import EngineConfig
 from omni_grpc.engine import lora_io
-from omni_grpc.engine.adapters import AdapterLease, AdapterTable, LoadedAdapter, Tier, parse_lora_spec
+from omni_grpc.engine.adapters import (
+    AdapterLease,
+    AdapterTable,
+    LoadedAdapter,
+    Tier,
+    normalize_path,
+    parse_lora_spec,
+)
 from omni_grpc.engine.imaging import encode_image
 from omni_grpc.engine.lora_layers import MultiLora
 from omni_grpc.engine.path_policy import PathPolicy
@@ -129,13 +137,15 @@ class _PipelineAdapters:
     calling thread, so loads never queue behind running batches; only a module's first hook needs the
     worker."""
 
-    def __init__(self, worker: Worker, lora: MultiLora, max_rank: int) -> None:
+    def __init__(self, worker: Worker, lora: MultiLora, max_rank: int, paths: PathPolicy) -> None:
         self._worker = worker
         self._lora = lora
         self._max_rank = max_rank
+        self._paths = paths
 
     def load(self, path: str, internal_name: str) -> LoadedAdapter:
-        weights = lora_io.read_adapter(path, max_rank=self._max_rank)
+        may_open = None if self._paths.is_operator_path(path) else self._paths.may_open
+        weights = lora_io.read_adapter(path, max_rank=self._max_rank, may_open=may_open)
         slot = self._lora.make_slot(weights)  # checks that the adapter fits the model
         if self._lora.needs_hooks(slot):
             self._worker.call(lambda: self._lora.install_hooks(slot))
@@ -184,15 +194,15 @@ class Engine:
         pipeline = self._pipeline
         self._lora = MultiLora(pipeline.denoiser, pipeline.device, pipeline.dtype)
         self._table = AdapterTable(
-            _PipelineAdapters(self._worker, self._lora, cfg.limits.max_lora_rank),
+            _PipelineAdapters(self._worker, self._lora, cfg.limits.max_lora_rank, self._paths),
             max_loaded=cfg.max_loaded_adapters,
             max_device=cfg.max_device_adapters,
             max_host=cfg.max_host_adapters,
         )
         for spec in cfg.lora_paths:
             name, path = parse_lora_spec(spec)
-            info, _ = self._table.load(path, name=name, pin=True)
-            self._paths.allow(info.path)
+            self._paths.allow(normalize_path(path))  # the operator's choice, wherever it lies
+            self._table.load(path, name=name, pin=True)
         self._ready.set()
         return self
 
@@ -467,26 +477,32 @@ class Engine:
             return
         try:
             self._run_together(live, started)
+            return
         except _AllStopped:
             return
         except Exception as exc:
-            if len(live) == 1:
-                raise _as_resource_error(exc) from exc
-            # One request's failure (memory for the whole batch, a bad input) must not fail its batch mates:
-            # run each alone; only the ones that fail alone fail.
-            log.warning(
-                "a batch of %d requests failed (%s: %s); running each alone", len(live), type(exc).__name__, exc
-            )
-            _free_cached_memory()
-            for item in live:
-                if item.future.done():
-                    continue
-                try:
-                    self._run_together([item], time.perf_counter())
-                except _AllStopped:
-                    continue
-                except Exception as alone:  # noqa: BLE001 - whatever fails alone fails that request only
-                    item.future.set_exception(_as_resource_error(alone))
+            log.warning("a batch of %d requests failed (%s: %s)", len(live), type(exc).__name__, exc, exc_info=True)
+            failure = _detached(exc)
+        # Out of the except clause, so the failed call's frames and their tensors can be freed first.
+        _free_cached_memory()
+        if len(live) == 1:
+            raise failure
+        # One request's failure (memory for the whole batch, a bad input) must not fail its batch mates:
+        # run each alone; only the ones that fail alone fail.
+        log.warning("running the %d requests of the failed batch one by one", len(live))
+        for item in live:
+            if item.future.done():
+                continue
+            error: Exception | None = None
+            try:
+                self._run_together([item], time.perf_counter())
+            except _AllStopped:
+                continue
+            except Exception as alone:  # noqa: BLE001 - whatever fails alone fails that request only
+                error = _detached(alone)
+            if error is not None:
+                _free_cached_memory()
+                item.future.set_exception(error)
 
     def _run_together(self, live: list[BatchItem], started: float) -> None:
         """One pipeline call for `live`; fills each request's future."""
@@ -589,17 +605,22 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def _as_resource_error(exc: Exception) -> Exception:
-    """Out of memory is the client's to fix (fewer images, a smaller size): RESOURCE_EXHAUSTED, not INTERNAL."""
+def _detached(exc: Exception) -> Exception:
+    """The error to hand to the request, holding no frames (they pin the failed batch's tensors).
+
+    Out of memory is the client's to fix (fewer images, a smaller size): RESOURCE_EXHAUSTED, not INTERNAL.
+    """
     if _is_out_of_memory(exc):
-        _free_cached_memory()
         return ResourceExhausted("out of memory for this request; retry with fewer images or a smaller size")
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
     return exc
 
 
 def _free_cached_memory() -> None:
     import torch
 
+    gc.collect()  # frames and tensors caught in reference cycles
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from omni_grpc.engine.types import AdapterFormat
-from omni_grpc.errors import FailedPrecondition, InvalidArgument, NotFound
+from omni_grpc.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -46,6 +47,7 @@ MAX_TENSORS = 65536
 MAX_RANK_FLAG = "--max-lora-rank"
 # Longest name or value quoted in an error message; header strings can be megabytes long.
 _MAX_SHOWN = 200
+_MODULE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,256}$")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 # Config fields whose non-neutral value changes the math in ways this engine does not apply.
@@ -105,21 +107,24 @@ class AdapterWeights:
         return out
 
 
-def read_adapter(path: str, *, max_rank: int | None = None) -> AdapterWeights:
+def read_adapter(
+    path: str, *, max_rank: int | None = None, may_open: Callable[[str], bool] | None = None
+) -> AdapterWeights:
     """Read the adapter at `path` (a PEFT folder, a folder with a diffusers file, or a .safetensors file).
 
     `max_rank` refuses adapters of a higher rank, from the header and config alone; None means no limit.
-    Raises only InvalidArgument, FailedPrecondition or NotFound for bad input.
+    `may_open` is asked about the real path of every file opened (PermissionDenied when it says no).
+    Raises only InvalidArgument, FailedPrecondition, NotFound or PermissionDenied for bad input.
     """
     if not path or "\0" in path:  # Path() would raise ValueError on a NUL byte
         raise InvalidArgument(f"adapter path {_shown(path)} is empty or contains a NUL byte", field="path")
     try:
-        return _read_adapter(path, max_rank)
+        return _read_adapter(path, max_rank, may_open)
     except OSError as exc:  # a name too long, a permission denied, a file vanishing mid-read, ...
         raise InvalidArgument(f"adapter path '{path}' could not be read: {exc}", field="path") from exc
 
 
-def _read_adapter(path: str, max_rank: int | None) -> AdapterWeights:
+def _read_adapter(path: str, max_rank: int | None, may_open: Callable[[str], bool] | None) -> AdapterWeights:
     p = Path(path)
     if not p.exists():
         raise NotFound(
@@ -129,8 +134,8 @@ def _read_adapter(path: str, max_rank: int | None) -> AdapterWeights:
         )
     if p.is_dir():
         if (p / DIFFUSERS_WEIGHTS).is_file() and not (p / PEFT_CONFIG).exists():
-            return _read_diffusers_file(p / DIFFUSERS_WEIGHTS, str(p), max_rank)
-        return _read_peft_folder(p, max_rank)
+            return _read_diffusers_file(p / DIFFUSERS_WEIGHTS, str(p), max_rank, may_open)
+        return _read_peft_folder(p, max_rank, may_open)
     if p.suffix in PICKLE_SUFFIXES:
         raise InvalidArgument(
             f"adapter file '{path}' is a pickle ({p.suffix}); only safetensors are loaded, because unpickling "
@@ -143,10 +148,10 @@ def _read_adapter(path: str, max_rank: int | None) -> AdapterWeights:
             "diffusers .safetensors LoRA file",
             field="path",
         )
-    return _read_diffusers_file(p, str(p), max_rank)
+    return _read_diffusers_file(p, str(p), max_rank, may_open)
 
 
-def _read_peft_folder(folder: Path, max_rank: int | None) -> AdapterWeights:
+def _read_peft_folder(folder: Path, max_rank: int | None, may_open: Callable[[str], bool] | None) -> AdapterWeights:
     config_path = folder / PEFT_CONFIG
     weights_path = folder / PEFT_WEIGHTS
     if not weights_path.is_file():
@@ -168,9 +173,9 @@ def _read_peft_folder(folder: Path, max_rank: int | None) -> AdapterWeights:
             field="path",
         )
 
-    config = _read_config(config_path)
+    config = _read_config(config_path, may_open)
     _check_config(config, config_path, max_rank)  # before the weights: a bad config costs no tensor read
-    tensors, _ = _read_safetensors(weights_path, max_rank)
+    tensors, _ = _read_safetensors(weights_path, max_rank, may_open)
     stripped: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_KEY_PREFIX):
@@ -182,8 +187,10 @@ def _read_peft_folder(folder: Path, max_rank: int | None) -> AdapterWeights:
     return _build(str(folder), AdapterFormat.PEFT, modules, config, config_path)
 
 
-def _read_diffusers_file(file: Path, path: str, max_rank: int | None) -> AdapterWeights:
-    tensors, metadata = _read_safetensors(file, max_rank)
+def _read_diffusers_file(
+    file: Path, path: str, max_rank: int | None, may_open: Callable[[str], bool] | None
+) -> AdapterWeights:
+    tensors, metadata = _read_safetensors(file, max_rank, may_open)
     prefixes = {key.split(".", 1)[0] for key in tensors}
     foreign = sorted(prefixes - set(DENOISER_PREFIXES))
     if foreign:
@@ -242,11 +249,17 @@ def _parse_json(raw: bytes | str, what: str) -> Any:
         raise InvalidArgument(f"{what} is not valid JSON: {_shown(str(exc))}") from exc
 
 
-def _open_regular(file: Path) -> BinaryIO:
+def _open_regular(file: Path, may_open: Callable[[str], bool] | None) -> BinaryIO:
     """Open a regular file for reading; a FIFO or device (which could block or never end) is refused."""
     # O_NONBLOCK so that opening a FIFO does not wait for a writer; it does not affect regular files.
     fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if may_open is not None and not may_open(_opened_path(fd, file)):
+            # Checked on what was opened, not on the name: a symlink swapped in after the path check (or
+            # before a re-read from the disk tier) is caught here.
+            raise PermissionDenied(
+                f"{file} resolves outside the adapter folders this server allows (--lora-dirs)", field="path"
+            )
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise InvalidArgument(f"{file} is not a regular file (a directory or a device?)", field="path")
         return os.fdopen(fd, "rb")
@@ -255,9 +268,17 @@ def _open_regular(file: Path) -> BinaryIO:
         raise
 
 
-def _read_config(config_path: Path) -> dict[str, Any]:
+def _opened_path(fd: int, file: Path) -> str:
+    """The real path of an open file: from /proc where there is one (immune to later renames)."""
     try:
-        with _open_regular(config_path) as handle:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(file)
+
+
+def _read_config(config_path: Path, may_open: Callable[[str], bool] | None) -> dict[str, Any]:
+    try:
+        with _open_regular(config_path, may_open) as handle:
             size = os.fstat(handle.fileno()).st_size
             if size > MAX_CONFIG_BYTES:
                 raise InvalidArgument(f"{config_path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")
@@ -275,9 +296,11 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     return config
 
 
-def _read_safetensors(file: Path, max_rank: int | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_safetensors(
+    file: Path, max_rank: int | None, may_open: Callable[[str], bool] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        data, header, metadata = _read_checked_bytes(file, max_rank)
+        data, header, metadata = _read_checked_bytes(file, max_rank, may_open)
     except OSError as exc:  # a permission denied, an I/O error, a path that changed type meanwhile, ...
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
     try:
@@ -292,11 +315,13 @@ def _read_safetensors(file: Path, max_rank: int | None) -> tuple[dict[str, torch
     return tensors, metadata
 
 
-def _read_checked_bytes(file: Path, max_rank: int | None) -> tuple[bytes, dict[str, Any], dict[str, str]]:
+def _read_checked_bytes(
+    file: Path, max_rank: int | None, may_open: Callable[[str], bool] | None
+) -> tuple[bytes, dict[str, Any], dict[str, str]]:
     """The whole file, read only after its header passed `_check_header`; with the header and metadata."""
     # One open file for the header and the data: what is loaded is what was checked, even if the path is
     # replaced or deleted meanwhile, and no mmap is left pointing at a file that may change later.
-    with _open_regular(file) as handle:
+    with _open_regular(file, may_open) as handle:
         size = os.fstat(handle.fileno()).st_size
         if size > MAX_ADAPTER_BYTES:
             raise InvalidArgument(f"{file} is {size} bytes; adapters larger than {MAX_ADAPTER_BYTES} are refused")
@@ -477,12 +502,13 @@ def _check_config(config: dict[str, Any], source: Path, max_rank: int | None) ->
                 raise InvalidArgument(f"{source}: '{name}' {_shown(pattern)} must be {wanted}, got {_shown(value)}")
             if name == "rank_pattern":
                 _check_rank_cap(value, f"'rank_pattern' {_shown(pattern)}", source, max_rank)
-            try:
-                re.compile(_pattern_regex(pattern))
-            except (re.error, RecursionError, OverflowError, ValueError) as exc:
+            if not _MODULE_KEY.match(pattern):
+                # peft reads these keys as regexes; running a file's own regex against its own module names
+                # could backtrack for hours with the GIL held, so only plain module names are accepted.
                 raise InvalidArgument(
-                    f"{source}: '{name}' key {_shown(pattern)} is not a valid pattern: {_shown(str(exc))}"
-                ) from exc
+                    f"{source}: '{name}' key {_shown(pattern)} is not a module name ([A-Za-z0-9_.], up to 256 "
+                    "characters); regular expressions are not accepted"
+                )
 
 
 def _check_rank_cap(rank: int, what: str, source: Path, max_rank: int | None) -> None:
@@ -552,13 +578,9 @@ def _build(
     )
 
 
-def _pattern_regex(pattern: str) -> str:
-    """peft's rank_pattern / alpha_pattern rule: a pattern matches a dotted suffix of the module name."""
-    return rf"(.*\.)?({pattern})$"
-
-
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    for pattern, value in patterns.items():  # every pattern compiled in _check_config
-        if re.match(_pattern_regex(pattern), module_name):
+    """peft's rank_pattern / alpha_pattern rule for plain names: a key matches a dotted suffix of the module."""
+    for key, value in patterns.items():  # every key checked to be a module name in _check_config
+        if module_name == key or module_name.endswith("." + key):
             return value
     return default

@@ -66,6 +66,15 @@ class PathPolicy:
             f"adapter path '{path}' is outside the adapter folders this server allows (--lora-dirs)", field="path"
         )
 
+    def is_operator_path(self, real_path: str) -> bool:
+        """An adapter pre-loaded with --lora-path: its files may live anywhere (a hub cache links to blobs)."""
+        return self._allow_any or real_path in self._operator_paths
+
+    def may_open(self, real_file: str) -> bool:
+        """Whether the server may open this file (a real path) for a client's adapter: asked at every open,
+        re-reads from the disk tier included, so a link swapped in after `resolve` is still caught."""
+        return self._allow_any or self._inside_a_root(real_file)
+
     def _check_files_inside(self, path: str, real: str) -> None:
         """A folder inside whose adapter files link elsewhere escapes too (checked with lstat, not open)."""
         if not os.path.isdir(real):
