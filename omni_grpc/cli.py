@@ -69,6 +69,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="most images in one denoising batch; concurrent requests of one shape share it (1: off)",
     )
     g.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
+    g.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="CPU threads torch may use (default: one per core); lower it when other processes share the cores",
+    )
     lim = parser.add_argument_group("request limits")
     defaults = Limits()
     lim.add_argument("--max-steps", type=int, default=defaults.max_steps)
@@ -101,6 +107,7 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
         max_host_adapters=args.max_host_adapters,
         max_batch_size=args.max_batch_size,
         cache_dir=args.cache_dir,
+        torch_threads=args.torch_threads,
         progress_bar=progress_bar,
         limits=Limits(
             max_steps=args.max_steps,

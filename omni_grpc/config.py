@@ -44,6 +44,9 @@ class EngineConfig:
     max_queue: int = 64
     limits: Limits = field(default_factory=Limits)
     cache_dir: Path | None = None
+    # CPU threads torch may use (None: torch's default, one per core). Lower it where other processes
+    # share the cores: oversubscribed threads slow every step many times over.
+    torch_threads: int | None = None
     # Show diffusers' progress bar (offline use); the server keeps it off.
     progress_bar: bool = False
 

@@ -30,7 +30,10 @@ from tests.test_adapters import listed, wait_for
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_zero(
     cache_root: Path, preloaded: Path, tmp_path: Path
 ) -> None:
-    srv = start_server(["--cache-dir", str(cache_root), "--lora-path", f"pre={preloaded}"], log_path=tmp_path / "s.log")
+    srv = start_server(
+        ["--cache-dir", str(cache_root), "--lora-path", f"pre={preloaded}", "--torch-threads", "1"],
+        log_path=tmp_path / "s.log",
+    )
     statuses: list[int] = []
     watch = health_pb2_grpc.HealthStub(srv.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
 
@@ -59,6 +62,7 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_zero(
     assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
     log = srv.log()
     assert "shutting down" in log and "stopped" in log
+    assert "torch uses 1 CPU threads (--torch-threads)" in log
     srv.channel.close()
 
 

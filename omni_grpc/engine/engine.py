@@ -186,6 +186,11 @@ class Engine:
     def start(self) -> Engine:
         """Load the model (on the worker) and the pre-loaded adapters. Blocking; raises ModelLoadError."""
         cfg = self.config
+        if cfg.torch_threads:
+            import torch
+
+            torch.set_num_threads(cfg.torch_threads)
+            log.info("torch uses %d CPU threads (--torch-threads)", cfg.torch_threads)
         self._pipeline = self._worker.call(
             lambda: load_pipeline(
                 cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, progress_bar=cfg.progress_bar
