@@ -27,7 +27,7 @@ async def rpc(call: Awaitable[T], *, request: Request | None = None, params: Map
             if done:
                 break
             if await request.is_disconnected():
-                raise ApiError(499, "the client closed the connection", code="cancelled")
+                raise ApiError(499, "the client closed the connection")
         return await task
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc, params) from None

@@ -61,8 +61,6 @@ class ApiError(StarletteHTTPException):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(status_code=status, detail=message)
-        self.status = status
-        self.message = message
         self.param = param
         self.code = code
 
@@ -81,13 +79,21 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
 
 # The gRPC status name a gateway-made error would have had, so `code` reads the same either way.
 _CODE_OF = {
-    **{http: grpc_code.name.lower() for grpc_code, http in HTTP_STATUS_OF.items() if http != 409 and http != 400},
     400: "invalid_argument",
+    401: "unauthenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
     409: "already_exists",
     413: "request_too_large",
     415: "unsupported_media_type",
-    405: "method_not_allowed",
+    422: "failed_precondition",
+    429: "resource_exhausted",
+    499: "cancelled",
     500: "internal",
+    501: "unimplemented",
+    503: "unavailable",
+    504: "deadline_exceeded",
 }
 
 
@@ -128,7 +134,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+        return error_response(exc.status_code, exc.detail, param=exc.param, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "the body must be a JSON object"
         elif param:
             message = f"{param}: {message}"
-        return error_response(400, message, param=param, code="invalid_argument")
+        return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -152,4 +158,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, _exc: Exception) -> JSONResponse:
         log.exception("unexpected failure in %s %s", request.method, request.url.path)
-        return error_response(500, "internal error; the gateway logged the details", code="internal")
+        return error_response(500, "internal error; the gateway logged the details")

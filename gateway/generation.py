@@ -1,8 +1,9 @@
-"""One generation for the chat and images routes: resolve `model`, call Generate, note what ran."""
+"""One generation for the chat and images routes: resolve `model`, call Generate, note what ran.
+
+The reply names the base model that served it (GenerateResponse.model).
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -12,16 +13,10 @@ from gateway.translate import Generation, select_adapter_by_model
 from omni_grpc.v1 import omni_pb2 as pb
 
 
-@dataclass
-class Generated:
-    response: pb.GenerateResponse
-    # The base model that served the request.
-    model: str
-
-
-async def generate(client: OmniClient, request: Request, model: str | None, generation: Generation) -> Generated:
-    info = await rpc(client.server_info(), request=request)
-    if model and model != info.model and not generation.has_adapter:
+async def generate(
+    client: OmniClient, request: Request, model: str | None, generation: Generation
+) -> pb.GenerateResponse:
+    if model and not generation.has_adapter:
         # An adapter listed by /v1/models may be named as the model; any other name runs the base model
         # (one server serves one base model, and the guide's curl names its model, whatever is served).
         listing = await rpc(client.list_adapters(), request=request)
@@ -30,4 +25,4 @@ async def generate(client: OmniClient, request: Request, model: str | None, gene
     response = await rpc(client.generate(generation.request), request=request, params=generation.params)
     request.state.adapter = response.adapter.name if response.HasField("adapter") else "-"
     request.state.images = len(response.images)
-    return Generated(response=response, model=info.model)
+    return response

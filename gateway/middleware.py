@@ -36,7 +36,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise ApiError(413, self._message(), code="request_too_large")
+                    raise ApiError(413, self._message())
             return message
 
         await self.app(scope, limited, send)

@@ -18,6 +18,14 @@ _OUTPUT_FORMATS = {
     "jpeg": pb.OUTPUT_FORMAT_JPEG,
     "webp": pb.OUTPUT_FORMAT_WEBP,
 }
+# The server's names for the adapter fields -> vLLM-Omni's `lora` keys.
+_FLAT_LORA_PARAMS = {
+    "lora_request": "lora",
+    "lora_request.path": "lora.local_path",
+    "lora_request.name": "lora.name",
+    "lora_request.scale": "lora.scale",
+    "lora_request.id": "lora.int_id",
+}
 _SIZE = re.compile(r"^\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*$")
 
 
@@ -49,7 +57,6 @@ def prompt_from_messages(messages: list[ChatMessage]) -> str:
                     400,
                     f"messages[{index}].content[{part_index}] is a {part.type!r} part; only text parts make a prompt",
                     param=f"messages.{index}.content.{part_index}",
-                    code="invalid_argument",
                 )
             texts.append(part.text)
         return " ".join(texts)
@@ -74,7 +81,6 @@ def generation_request(
             f"the body mixes the nested shape ({', '.join(nested)}) with the flat shape ({', '.join(flat)}); "
             "use one: lora_request + sampling_params, or lora + flat fields",
             param=flat[0],
-            code="invalid_argument",
         )
     request = pb.GenerateRequest(prompt=prompt, output_format=_OUTPUT_FORMATS[body.output_format])
     params = {"prompt": prompt_param}
@@ -92,7 +98,6 @@ def generation_request(
                 400,
                 f"{count_param} and {shape_count} both set the number of images; give one",
                 param=count_param,
-                code="invalid_argument",
             )
         request.sampling_params.num_images = count
         params["sampling_params.num_images"] = count_param or shape_count
@@ -122,12 +127,11 @@ def _fill_flat(body: GenerationFields, request: pb.GenerateRequest, params: dict
     if body.lora is not None:
         lora = body.lora
         _set_lora(request, path=lora.local_path, name=lora.name, scale=lora.scale, adapter_id=lora.int_id)
-        params.update({f"lora_request.{k}": f"lora.{v}" for k, v in (("path", "local_path"), ("id", "int_id"))})
-        params.update({"lora_request.name": "lora.name", "lora_request.scale": "lora.scale", "lora_request": "lora"})
+        params.update(_FLAT_LORA_PARAMS)
     height, width = body.height, body.width
     if body.size is not None:
         if height is not None or width is not None:
-            raise ApiError(400, "give either size or height/width, not both", param="size", code="invalid_argument")
+            raise ApiError(400, "give either size or height/width, not both", param="size")
         width, height = parse_size(body.size)
     if body.negative_prompt is not None:
         request.negative_prompt = body.negative_prompt
@@ -184,7 +188,7 @@ def select_adapter_by_model(generation: Generation, adapter_name: str) -> None:
 
 
 def data_url(image: pb.Image) -> str:
-    return f"data:{image.mime_type};base64,{base64.b64encode(image.data).decode('ascii')}"
+    return f"data:{image.mime_type};base64,{b64(image)}"
 
 
 def b64(image: pb.Image) -> str:

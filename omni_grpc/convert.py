@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from typing import TYPE_CHECKING
 
@@ -84,6 +85,7 @@ def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
         num_inference_steps=result.num_inference_steps,
         guidance_scale=result.guidance_scale,
         batch_size=result.batch_size,
+        model=result.model,
     )
     if result.adapter is not None:
         a = result.adapter
@@ -136,6 +138,7 @@ def server_info_to_pb(pipeline: LoadedPipeline, *, started_at: int) -> pb.GetSer
     )
 
 
+@functools.cache
 def _version() -> str:
     try:
         return importlib.metadata.version("omni-grpc")

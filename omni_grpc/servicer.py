@@ -91,7 +91,7 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
             info = self._engine.unload_adapter(**convert.unload_selector_from_pb(request))  # type: ignore[arg-type]
             return pb.UnloadAdapterResponse(adapter=convert.adapter_to_pb(info))
 
-        return await self._call(work, context)
+        return await self._call(work, context, request)
 
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
@@ -106,7 +106,7 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
                 max_host_adapters=config.max_host_adapters,
             )
 
-        return await self._call(work, context)
+        return await self._call(work, context, request)
 
     async def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -114,14 +114,12 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
         def work() -> pb.GetServerInfoResponse:
             return convert.server_info_to_pb(self._engine.pipeline, started_at=self._started_at)
 
-        return await self._call(work, context)
+        return await self._call(work, context, request)
 
-    async def _call(
-        self, work: Callable[[], T], context: grpc.aio.ServicerContext, request: Message | None = None
-    ) -> T:
+    async def _call(self, work: Callable[[], T], context: grpc.aio.ServicerContext, request: Message) -> T:
         if not self._accepting:
             await _abort(context, Unavailable("the server is shutting down; retry on another replica"))
-        if request is not None and (size := request.ByteSize()) > self._max_request_bytes:
+        if (size := request.ByteSize()) > self._max_request_bytes:
             limit = self._max_request_bytes
             await _abort(
                 context, InvalidArgument(f"the request is {size} bytes; the limit is {limit} (--max-request-bytes)")

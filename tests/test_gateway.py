@@ -477,11 +477,6 @@ class _StatusEcho(omni_pb2_grpc.OmniServiceServicer):
     """Answers Generate with the gRPC status named by the prompt: the mapping's test bed for the statuses the
     real server only gives under conditions built elsewhere (tokens, --lora-dirs, a full queue)."""
 
-    def GetServerInfo(
-        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
-    ) -> pb.GetServerInfoResponse:
-        return pb.GetServerInfoResponse(model="echo")
-
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
         context.abort(grpc.StatusCode[request.prompt], f"the server said {request.prompt}")
         raise AssertionError("unreachable")

@@ -27,9 +27,7 @@ _UNLOAD_PARAMS = {"name": "lora_name", "id": "lora_int_id"}
 
 def require_admin(settings: Settings) -> None:
     if not settings.enable_lora_admin:
-        raise ApiError(
-            404, "the adapter admin routes are off; start the gateway with --enable-lora-admin", code="not_found"
-        )
+        raise ApiError(404, "the adapter admin routes are off; start the gateway with --enable-lora-admin")
 
 
 @router.post(

@@ -37,13 +37,13 @@ async def create_chat_completion(
             400, "n must be 1; ask for more images with num_outputs_per_prompt or sampling_params.num_images", param="n"
         )
     generation = generation_request(body, prompt=prompt_from_messages(body.messages), prompt_param="messages")
-    done = await generate(client, request, body.model, generation)
-    content = [ImageContent(image_url=ImageUrl(url=data_url(image))) for image in done.response.images]
+    response = await generate(client, request, body.model, generation)
+    content = [ImageContent(image_url=ImageUrl(url=data_url(image))) for image in response.images]
     return ChatCompletionResponse(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=done.model,
+        model=response.model,
         choices=[ChatChoice(index=0, message=AssistantMessage(content=content))],
         usage=Usage(),
-        omni=generation_info(done.response),
+        omni=generation_info(response),
     )

@@ -15,5 +15,5 @@ router = APIRouter(tags=["health"])
 @router.get("/health", responses=errors(503))
 async def health(client: Client) -> HealthResponse:
     if not await client.serving():
-        raise ApiError(503, "the gRPC server is not serving (starting, stopping or unreachable)", code="unavailable")
+        raise ApiError(503, "the gRPC server is not serving (starting, stopping or unreachable)")
     return HealthResponse(status="serving")

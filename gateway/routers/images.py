@@ -19,12 +19,12 @@ router = APIRouter(tags=["images"])
 async def create_images(body: ImageGenerationRequest, request: Request, client: Client) -> ImagesResponse:
     """Generate `n` images for `prompt`. Adapters and sampling come in either body shape."""
     generation = generation_request(body, prompt=body.prompt, prompt_param="prompt", count=body.n, count_param="n")
-    done = await generate(client, request, body.model, generation)
-    images = done.response.images
+    response = await generate(client, request, body.model, generation)
+    images = response.images
     return ImagesResponse(
         created=int(time.time()),
         data=[ImageData(b64_json=b64(image)) for image in images],
         output_format=body.output_format or "png",
         size=f"{images[0].width}x{images[0].height}" if images else "",
-        omni=generation_info(done.response),
+        omni=generation_info(response),
     )

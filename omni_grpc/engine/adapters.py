@@ -29,6 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from omni_grpc.engine.path_policy import check_path_text
 from omni_grpc.engine.types import AdapterFormat, AdapterInfo, LoraRequest
 from omni_grpc.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 
@@ -241,10 +242,7 @@ class AdapterTable:
     def _load(
         self, path: str, name: str | None, adapter_id: int | None, *, pin: bool, hold: bool
     ) -> tuple[AdapterEntry, bool]:
-        if not path:
-            raise InvalidArgument("adapter path must not be empty", field="path")
-        if "\x00" in path:
-            raise InvalidArgument("adapter path must not contain NUL bytes", field="path")
+        check_path_text(path)
         if name is not None and not NAME_PATTERN.match(name):
             raise InvalidArgument(
                 f"adapter name {name!r} is invalid: use 1-128 characters from [A-Za-z0-9._-]", field="name"

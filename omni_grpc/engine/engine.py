@@ -365,6 +365,7 @@ class Engine:
             num_inference_steps=plan.steps,
             guidance_scale=plan.guidance_scale,
             batch_size=admission.batch_images,
+            model=self.pipeline.model_name,
         )
 
     def load_adapter(

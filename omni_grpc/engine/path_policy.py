@@ -16,6 +16,14 @@ from omni_grpc.errors import InvalidArgument, PermissionDenied
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 
+def check_path_text(path: str) -> None:
+    """What any adapter path must be before it is looked at: not empty, no NUL byte."""
+    if not path:
+        raise InvalidArgument("adapter path must not be empty", field="path")
+    if "\x00" in path:
+        raise InvalidArgument("adapter path must not contain NUL bytes", field="path")
+
+
 class PathPolicy:
     def __init__(self, roots: Iterable[str], *, allow_any: bool = False) -> None:
         # Real paths, so that a root given through a symlink still contains what it points to.
@@ -36,10 +44,7 @@ class PathPolicy:
 
         Relative paths are taken relative to each root in turn (the first where the path exists wins).
         """
-        if not path:
-            raise InvalidArgument("adapter path must not be empty", field="path")
-        if "\x00" in path:
-            raise InvalidArgument("adapter path must not contain NUL bytes", field="path")
+        check_path_text(path)
         expanded = os.path.expanduser(path)
         if self._allow_any:
             return os.path.realpath(expanded)

@@ -124,6 +124,8 @@ class GenerateResult:
     guidance_scale: float
     # Images in the denoising batch this request ran in (its own included).
     batch_size: int = 1
+    # The base model that served it.
+    model: str = ""
 
 
 @dataclass

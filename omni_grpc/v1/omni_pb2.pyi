@@ -121,20 +121,22 @@ class AppliedAdapter(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., path: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("images", "adapter", "timings", "num_inference_steps", "guidance_scale", "batch_size")
+    __slots__ = ("images", "adapter", "timings", "num_inference_steps", "guidance_scale", "batch_size", "model")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     adapter: AppliedAdapter
     timings: Timings
     num_inference_steps: int
     guidance_scale: float
     batch_size: int
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., adapter: _Optional[_Union[AppliedAdapter, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., adapter: _Optional[_Union[AppliedAdapter, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., batch_size: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Adapter(_message.Message):
     __slots__ = ("id", "name", "path", "rank", "alpha", "target_modules", "pinned", "size_bytes", "load_time_ms", "use_count", "in_use", "loads", "format", "num_layers", "tier", "hits", "promotions", "evictions")

@@ -96,7 +96,7 @@ class OmniServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetServerInfo(self, request, context):
-        """GetServerInfo describes the base model and its defaults. Cheap: gateways call it per request.
+        """GetServerInfo describes the base model and its defaults (the gateway's /v1/models).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
