@@ -15,7 +15,8 @@ ADMIN_TOKEN_ENV = "OMNI_GRPC_ADMIN_TOKEN"
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by the server and the offline example."""
+    """Flags shared by the server and the offline example; their defaults are the config's own."""
+    engine = EngineConfig()
     g = parser.add_argument_group("model and adapters")
     g.add_argument(
         "--model",
@@ -23,7 +24,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="local diffusers pipeline folder or hub id (default: the embedded small SD3 model, random weights)",
     )
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default=engine.dtype, choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument(
         "--lora-path",
         action="append",
@@ -47,25 +48,25 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-loaded-adapters",
         type=int,
-        default=1024,
+        default=engine.max_loaded_adapters,
         help="adapters in the table, any tier; the least recently used unpinned, unused one is evicted (0: no bound)",
     )
     g.add_argument(
         "--max-device-adapters",
         type=int,
-        default=64,
+        default=engine.max_device_adapters,
         help="adapters whose tensors stay on the device (0: no bound); the least recently used move to host",
     )
     g.add_argument(
         "--max-host-adapters",
         type=int,
-        default=256,
+        default=engine.max_host_adapters,
         help="adapters kept in host memory; beyond, the least recently used are dropped and re-read from disk",
     )
     g.add_argument(
         "--max-batch-size",
         type=int,
-        default=8,
+        default=engine.max_batch_size,
         help="most images in one denoising batch; concurrent requests of one shape share it (1: off)",
     )
     g.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
@@ -88,7 +89,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     lim.add_argument(
         "--max-queue",
         type=int,
-        default=EngineConfig().max_queue,
+        default=engine.max_queue,
         help="most requests waiting for the model; beyond, RESOURCE_EXHAUSTED at once (0: unbounded)",
     )
 
@@ -120,18 +121,33 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
     )
 
 
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """`omni-grpc serve` flags as the server's configuration."""
+    return ServerConfig(
+        engine=engine_config_from_args(args),
+        host=args.host,
+        port=args.port,
+        grace_period=args.grace_period,
+        max_request_bytes=args.max_request_bytes,
+        admin_token=args.admin_token or None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni-grpc", description="gRPC text-to-image server with many LoRA adapters")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC server")
     add_engine_flags(serve)
+    server = ServerConfig()
     net = serve.add_argument_group("server")
-    net.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
-    net.add_argument("--port", type=int, default=50051, help="port (0: pick a free one and log it)")
-    net.add_argument("--grace-period", type=float, default=30.0, help="seconds running requests get on shutdown")
+    net.add_argument("--host", default=server.host, help="address to bind (0.0.0.0 for all interfaces)")
+    net.add_argument("--port", type=int, default=server.port, help="port (0: pick a free one and log it)")
     net.add_argument(
-        "--max-request-bytes", type=int, default=ServerConfig().max_request_bytes, help="largest request message"
+        "--grace-period", type=float, default=server.grace_period, help="seconds running requests get on shutdown"
     )
+    net.add_argument("--max-request-bytes", type=int, default=server.max_request_bytes, help="largest request message")
     sec = serve.add_argument_group("security")
     sec.add_argument(
         "--admin-token",
@@ -142,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     gateway = sub.add_parser("gateway", help="run the REST gateway (OpenAI-style JSON) in front of a gRPC server")
-    from gateway.cli import add_gateway_flags
+    from omni_grpc_gateway.cli import add_gateway_flags
 
     add_gateway_flags(gateway)
     bench = sub.add_parser("bench", help="measure throughput and adapter costs against plain diffusers")
@@ -169,24 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.command == "serve":
-        from omni_grpc.server import serve
+        from omni_grpc.service.server import serve
 
-        config = ServerConfig(
-            engine=engine_config_from_args(args),
-            host=args.host,
-            port=args.port,
-            grace_period=args.grace_period,
-            max_request_bytes=args.max_request_bytes,
-            admin_token=args.admin_token or None,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-        )
+        config = server_config_from_args(args)
         if (config.tls_cert is None) != (config.tls_key is None):
             print("omni-grpc serve: --tls-cert and --tls-key go together", file=sys.stderr)
             return 2
         return asyncio.run(serve(config))
     if args.command == "gateway":
-        from gateway.cli import run as run_gateway
+        from omni_grpc_gateway.cli import run as run_gateway
 
         return run_gateway(args)
     if args.command == "bench":

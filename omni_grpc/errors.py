@@ -56,10 +56,6 @@ class PermissionDenied(OmniError):
     code = "PERMISSION_DENIED"
 
 
-class Internal(OmniError):
-    code = "INTERNAL"
-
-
 class ModelLoadError(OmniError):
     """The base model could not be loaded; fatal at start-up."""
 

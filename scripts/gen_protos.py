@@ -23,17 +23,23 @@ def proto_files() -> list[Path]:
 
 
 def generate(out_dir: Path) -> None:
-    """Write *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto under protos/ into out_dir."""
+    """Write *_pb2.py and *_pb2_grpc.py, and their types (*.pyi, by mypy-protobuf), for every
+    proto under protos/ into out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     include = Path(protoc.__file__).parent / "_proto"
+    # mypy-protobuf's plugins sit beside this interpreter (its console scripts).
+    plugins = Path(sys.executable).parent
     for proto in proto_files():
         args = [
             "grpc_tools.protoc",
             f"-I{PROTO_ROOT}",
             f"-I{include}",
             f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}",
+            f"--plugin=protoc-gen-mypy={plugins / 'protoc-gen-mypy'}",
+            f"--mypy_out={out_dir}",
             f"--grpc_python_out={out_dir}",
+            f"--plugin=protoc-gen-mypy_grpc={plugins / 'protoc-gen-mypy_grpc'}",
+            f"--mypy_grpc_out={out_dir}",
             str(proto),
         ]
         if protoc.main(args) != 0:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what is needed, then run every check CI runs: buf lint + format, ruff, the test suite.
+# Install what is needed, then run every check CI runs: buf lint + format, ruff, mypy, the test suite.
 source "$(dirname "$0")/setup.sh"
 BUF_VERSION=1.75.0
 if [ ! -x .tools/node_modules/.bin/buf ]; then
@@ -11,6 +11,8 @@ echo "== buf lint / format"
 echo "== ruff"
 ruff check .
 ruff format --check .
+echo "== mypy"
+mypy
 echo "== pytest"
 export HF_HUB_OFFLINE=1
 python -m pytest "$@"

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded model, real peft adapters, and real servers on loopback ports."""
+"""Shared fixtures: the embedded model, real peft adapters, and a real server and gateway on loopback ports."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway_process import GatewayProcess, start_gateway
+from tests.helpers import InProcessGateway, InProcessServer, start_gateway, start_server
 from tests.lora_factory import make_peft_adapter
-from tests.server_process import ServerProcess, start_server
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +26,7 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir(cache_root: Path) -> Path:
-    from omni_grpc.engine.default_model import default_model_dir
+    from omni_grpc.tiny_models.default import default_model_dir
 
     return default_model_dir(cache_root)
 
@@ -56,13 +55,12 @@ def preloaded(model_dir: Path, adapter_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def server(
     cache_root: Path, model_dir: Path, adapter_root: Path, preloaded: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
+) -> Iterator[InProcessServer]:
     """The shared server: embedded default model, one pinned pre-loaded adapter named "pre".
 
     Clients may load adapters from the adapter root (where relative paths resolve first) and from
     anywhere under pytest's base temporary folder (every test's tmp_path).
     """
-    log_path = tmp_path_factory.mktemp("logs") / "server.log"
     srv = start_server(
         [
             "--cache-dir",
@@ -78,16 +76,15 @@ def server(
             "--lora-dirs",
             str(tmp_path_factory.getbasetemp()),
         ],
-        log_path=log_path,
-        cwd=adapter_root,
+        log_path=tmp_path_factory.mktemp("logs") / "server.log",
     )
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="session")
-def gateway(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    """The REST gateway in front of the shared server, as `omni-grpc gateway` starts it (admin routes off)."""
+def gateway(server: InProcessServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessGateway]:
+    """The REST gateway in front of the shared server, with `omni-grpc gateway`'s defaults (admin routes off)."""
     gw = start_gateway(server.target, [], log_path=tmp_path_factory.mktemp("logs") / "gateway.log")
     yield gw
     gw.stop()

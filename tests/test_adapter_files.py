@@ -1,6 +1,6 @@
 """Hostile adapter files: every bad header, offset, rank or config is refused with a named OmniError.
 
-Files are built by hand (struct + json) so each test controls the exact header bytes; read_adapter is called
+Files are built by hand (struct + json) so each test controls the exact header bytes; the reader is called
 in-process, with no model or server.
 """
 
@@ -22,13 +22,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from omni_grpc.engine import lora_io
-from omni_grpc.engine.lora_io import read_adapter
+from omni_grpc.engine import adapter_files, safetensors_reader
+from omni_grpc.engine.adapter_files import AdapterReader, AdapterWeights
 from omni_grpc.errors import FailedPrecondition, InvalidArgument, NotFound, OmniError
 
 KEY_A = "base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight"
 KEY_B = "base_model.model.transformer_blocks.0.attn.to_q.lora_B.weight"
 ALLOWED_ERRORS = (InvalidArgument, FailedPrecondition, NotFound)
+
+
+def read_adapter(path: str, *, max_rank: int | None = None) -> AdapterWeights:
+    return AdapterReader(max_rank=max_rank).read(path)
+
+
+def tensors_of(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
+    return {
+        f"{module}.{part}": t for module, pair in adapter.modules.items() for part, t in zip("AB", pair, strict=True)
+    }
 
 
 def config_for(r: int = 2, **extra: Any) -> dict[str, Any]:
@@ -80,14 +90,14 @@ def refused(path: Path, kind: type[OmniError] = InvalidArgument, **kwargs: Any) 
 
 def wrap_check_header(monkeypatch: pytest.MonkeyPatch, after: Callable[[Path], None]) -> None:
     """Run `after(file)` once the header has been read and checked, before the data is read."""
-    real = lora_io._check_header
+    real = safetensors_reader._check_header
 
-    def check_then(file: Path, *args: Any) -> dict[str, str]:
-        metadata = real(file, *args)
+    def check_then(file: Path, *args: Any) -> safetensors_reader.SafetensorsHeader:
+        header = real(file, *args)
         after(file)
-        return metadata
+        return header
 
-    monkeypatch.setattr(lora_io, "_check_header", check_then)
+    monkeypatch.setattr(safetensors_reader, "_check_header", check_then)
 
 
 # --- valid files ------------------------------------------------------------------------------------------
@@ -95,7 +105,7 @@ def wrap_check_header(monkeypatch: pytest.MonkeyPatch, after: Callable[[Path], N
 
 def test_valid_files_load(tmp_path: Path) -> None:
     saved = read_adapter(str(write_peft(tmp_path / "saved", r=4)), max_rank=4)  # at the cap is fine
-    assert saved.rank == 4 and saved.lora_config["r"] == 4
+    assert saved.rank == 4 and saved.alpha == 4.0
     by_hand = read_adapter(str(peft_with_weights(tmp_path / "by_hand", safetensors_bytes(good_header()))))
     assert by_hand.rank == 2 and list(by_hand.modules) == ["transformer_blocks.0.attn.to_q"]
     diffusers = tmp_path / "lora.safetensors"
@@ -108,12 +118,12 @@ def test_valid_files_load(tmp_path: Path) -> None:
 # --- the safetensors header -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [lora_io.MAX_HEADER_BYTES + 1, 2**64 - 1])
+@pytest.mark.parametrize("length", [safetensors_reader.MAX_HEADER_BYTES + 1, 2**64 - 1])
 def test_huge_declared_header_length(tmp_path: Path, length: int) -> None:
     folder = peft_with_weights(tmp_path / "a", safetensors_bytes(good_header(), length=length))
     message = refused(folder)
     assert "adapter_model.safetensors" in message
-    assert f"header of {length} bytes exceeds {lora_io.MAX_HEADER_BYTES}" in message
+    assert f"header of {length} bytes exceeds {safetensors_reader.MAX_HEADER_BYTES}" in message
 
 
 def test_header_length_past_the_end_is_truncated(tmp_path: Path) -> None:
@@ -214,7 +224,7 @@ def test_bad_shape_or_dtype(tmp_path: Path, field: str, value: Any, words: str) 
 
 
 def test_too_many_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_io, "MAX_TENSORS", 1)
+    monkeypatch.setattr(safetensors_reader, "MAX_TENSORS", 1)
     message = refused(peft_with_weights(tmp_path / "a", safetensors_bytes(good_header())))
     assert "adapter_model.safetensors declares 2 tensors; the limit is 1" in message
 
@@ -223,7 +233,7 @@ def test_declared_bytes_over_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyP
     """Overlapping entries may declare far more bytes than the file holds; the sum is capped first."""
     header = {f"t{i}": header_entry([100, 100], [0, 40_000]) for i in range(100)}
     blob = safetensors_bytes(header, data=bytes(40_000))
-    monkeypatch.setattr(lora_io, "MAX_ADAPTER_BYTES", len(blob))
+    monkeypatch.setattr(safetensors_reader, "MAX_FILE_BYTES", len(blob))
     message = refused(peft_with_weights(tmp_path / "a", blob))
     assert f"declares 4000000 bytes of tensor data; adapters larger than {len(blob)} are refused" in message
 
@@ -249,19 +259,19 @@ def test_trailing_bytes_are_refused(tmp_path: Path) -> None:
 def test_file_deleted_mid_load_loads_what_was_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Header and data come from one open file: deleting or replacing the path meanwhile changes nothing."""
     folder = write_peft(tmp_path / "a")
-    expected = read_adapter(str(folder)).state_dict()
+    expected = tensors_of(read_adapter(str(folder)))
     wrap_check_header(monkeypatch, lambda file: file.unlink())
     got = read_adapter(str(folder))
     assert not (folder / "adapter_model.safetensors").exists()
-    assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.items())
+    assert all(torch.equal(tensors_of(got)[k], v) for k, v in expected.items())
 
     monkeypatch.undo()
     write_peft(folder)
-    expected = read_adapter(str(folder)).state_dict()
+    expected = tensors_of(read_adapter(str(folder)))
     replacement = write_peft(tmp_path / "big", r=64) / "adapter_model.safetensors"
     wrap_check_header(monkeypatch, lambda file: os.replace(replacement, file))
     got = read_adapter(str(folder), max_rank=8)  # the rank-64 file that took its place is never read
-    assert got.rank == 2 and all(torch.equal(got.state_dict()[k], v) for k, v in expected.items())
+    assert got.rank == 2 and all(torch.equal(tensors_of(got)[k], v) for k, v in expected.items())
 
 
 def test_file_shrunk_mid_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,16 +295,24 @@ def test_os_errors_become_invalid_argument(tmp_path: Path, monkeypatch: pytest.M
     def denied(file: Path, _may_open: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", str(file))
 
-    monkeypatch.setattr(lora_io, "_open_regular", denied)
+    monkeypatch.setattr(safetensors_reader, "open_regular", denied)
     message = refused(folder)
     assert f"{folder / 'adapter_config.json'} could not be read: [Errno 13] Permission denied" in message
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_weights(tmp_path: Path) -> None:
+def test_unreadable_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a file without read permission does (root reads any file, so the open itself is made to fail)."""
     folder = write_peft(tmp_path / "a")
-    (folder / "adapter_model.safetensors").chmod(0)
-    assert "adapter_model.safetensors could not be read" in refused(folder)
+    weights = folder / "adapter_model.safetensors"
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *args: Any) -> int:
+        if Path(path) == weights:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_)
+    assert f"{weights} could not be read: [Errno 13] Permission denied" in refused(folder)
 
 
 def test_weights_path_is_a_directory(tmp_path: Path) -> None:
@@ -332,7 +350,7 @@ def test_empty_or_nul_path(path: str) -> None:
 def test_rank_over_the_cap_from_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     file = tmp_path / "lora.safetensors"
     save_file(tensors_for(8, prefix="transformer."), file)
-    monkeypatch.setattr(lora_io, "load_safetensors", None)  # refused from the header: no tensor is loaded
+    monkeypatch.setattr(safetensors_reader, "load_safetensors", None)  # refused from the header: no tensor is loaded
     message = refused(file, max_rank=4)
     assert f"{file}: tensor 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' has rank 8" in message
     assert "above this server's limit of 4 (set with --max-lora-rank)" in message
@@ -400,7 +418,7 @@ def test_malformed_config(tmp_path: Path, raw: str | bytes, words: str) -> None:
 
 
 def test_config_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_io, "MAX_CONFIG_BYTES", 64)
+    monkeypatch.setattr(adapter_files, "MAX_CONFIG_BYTES", 64)
     folder = write_peft(tmp_path / "a", config=config_for(2, padding="x" * 100))
     size = (folder / "adapter_config.json").stat().st_size
     assert f"adapter_config.json is {size} bytes; the limit is 64" in refused(folder)
@@ -531,7 +549,12 @@ _JSON = st.recursive(
 @FUZZ
 @given(
     fields=st.dictionaries(
-        st.sampled_from([*lora_io._CONFIG_PASSTHROUGH, "target_modules", "peft_type", *lora_io._UNSUPPORTED_FEATURES]),
+        st.sampled_from(
+            [
+                *("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "peft_type"),
+                *adapter_files._UNSUPPORTED_FEATURES,
+            ]
+        ),
         _JSON,
         max_size=4,
     ),

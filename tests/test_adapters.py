@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,33 +13,23 @@ import grpc
 import pytest
 import torch
 
+from omni_grpc.engine.adapter_files import AdapterReader
 from omni_grpc.engine.adapters import derive_adapter_id
+from omni_grpc.errors import InvalidArgument
 from omni_grpc.v1 import omni_pb2 as pb
+from tests.helpers import (
+    PROMPT,
+    Server,
+    listed,
+    load,
+    log_field,
+    request_lines,
+    rpc_error,
+    start_server,
+    unload,
+    wait_for,
+)
 from tests.lora_factory import edit_config, make_peft_adapter, rewrite_tensors
-from tests.server_process import ServerProcess, start_server
-from tests.test_generate import PROMPT, rpc_error
-
-
-def load(server: ServerProcess, path: str | Path, **kwargs) -> pb.LoadAdapterResponse:
-    return server.stub.LoadAdapter(pb.LoadAdapterRequest(path=str(path), **kwargs), timeout=60)
-
-
-def listed(server: ServerProcess) -> dict[str, pb.Adapter]:
-    return {a.name: a for a in server.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters}
-
-
-def unload(server: ServerProcess, **selector) -> pb.UnloadAdapterResponse:
-    return server.stub.UnloadAdapter(pb.UnloadAdapterRequest(**selector), timeout=60)
-
-
-def wait_for(predicate, timeout: float = 60.0) -> None:
-    """Poll a condition (not a timing assertion: the bound only stops a broken build from hanging)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture
@@ -51,7 +40,7 @@ def fresh(model_dir: Path, adapter_root: Path, request: pytest.FixtureRequest) -
     return make_peft_adapter(model_dir, adapter_root / name, rank=2, alpha=4, seed=zlib.crc32(test.encode()) % 1000)
 
 
-def test_relative_trailing_slash_and_absolute_paths_are_one_adapter(server: ServerProcess, fresh: Path) -> None:
+def test_relative_trailing_slash_and_absolute_paths_are_one_adapter(server: Server, fresh: Path) -> None:
     # The server's working directory is the adapter root (see conftest).
     rel = fresh.name
     first = load(server, f"./{rel}")
@@ -63,17 +52,17 @@ def test_relative_trailing_slash_and_absolute_paths_are_one_adapter(server: Serv
     unload(server, id=first.adapter.id)
 
 
-def test_derived_id_is_63_bits_and_stable(tmp_path: Path) -> None:
+def test_derived_id_is_63_bits_and_stable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = {derive_adapter_id(str(tmp_path / f"a{i}")) for i in range(200)}
     assert len(ids) == 200 and all(0 < i < 2**63 for i in ids)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "a").mkdir()
     assert derive_adapter_id("./a") == derive_adapter_id("a/") == derive_adapter_id(str(tmp_path / "a"))
     os.symlink(tmp_path / "a", tmp_path / "link")
     assert derive_adapter_id("link") == derive_adapter_id("a")
 
 
-def test_client_id_and_name_conflicts(server: ServerProcess, fresh: Path, model_dir: Path, adapter_root: Path) -> None:
+def test_client_id_and_name_conflicts(server: Server, fresh: Path, model_dir: Path, adapter_root: Path) -> None:
     other = make_peft_adapter(model_dir, adapter_root / f"{fresh.name}-other", rank=2, alpha=2, seed=5)
     mine = load(server, fresh, id=424242, name=f"n-{fresh.name}"[:100]).adapter
     assert mine.id == 424242
@@ -94,7 +83,7 @@ def test_client_id_and_name_conflicts(server: ServerProcess, fresh: Path, model_
     unload(server, name=mine.name)
 
 
-def test_unknown_name_and_id(server: ServerProcess) -> None:
+def test_unknown_name_and_id(server: Server) -> None:
     for lora in (pb.LoraRequest(name="nope"), pb.LoraRequest(id=12345)):
         error = rpc_error(server.stub.Generate, pb.GenerateRequest(prompt=PROMPT, lora_request=lora), timeout=30)
         assert error.code() == grpc.StatusCode.NOT_FOUND and "is loaded" in error.details()
@@ -104,7 +93,7 @@ def test_unknown_name_and_id(server: ServerProcess) -> None:
     assert rpc_error(unload, server).code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_missing_path_is_not_found(server: ServerProcess, tmp_path: Path) -> None:
+def test_missing_path_is_not_found(server: Server, tmp_path: Path) -> None:
     path = tmp_path / "does-not-exist"
     for call in (
         lambda: load(server, path),
@@ -118,13 +107,13 @@ def test_missing_path_is_not_found(server: ServerProcess, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("missing", ["adapter_config.json", "adapter_model.safetensors"])
-def test_missing_file_is_invalid_argument(server: ServerProcess, fresh: Path, missing: str) -> None:
+def test_missing_file_is_invalid_argument(server: Server, fresh: Path, missing: str) -> None:
     (fresh / missing).unlink()
     error = rpc_error(load, server, fresh)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and f"is missing {missing};" in error.details()
 
 
-def test_pickle_is_refused(server: ServerProcess, fresh: Path, tmp_path: Path) -> None:
+def test_pickle_is_refused(server: Server, fresh: Path, tmp_path: Path) -> None:
     weights = fresh / "adapter_model.safetensors"
     torch.save({"x": torch.zeros(1)}, fresh / "adapter_model.bin")
     weights.unlink()
@@ -136,7 +125,7 @@ def test_pickle_is_refused(server: ServerProcess, fresh: Path, tmp_path: Path) -
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "pickle" in error.details()
 
 
-def test_unknown_module_is_failed_precondition(server: ServerProcess, fresh: Path) -> None:
+def test_unknown_module_is_failed_precondition(server: Server, fresh: Path) -> None:
     def rename(tensors: dict) -> dict:
         return {
             k.replace("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_zz"): v
@@ -149,7 +138,7 @@ def test_unknown_module_is_failed_precondition(server: ServerProcess, fresh: Pat
     assert "transformer_blocks.0.attn.to_zz" in error.details() and "does not exist" in error.details()
 
 
-def test_wrong_shape_is_failed_precondition(server: ServerProcess, fresh: Path) -> None:
+def test_wrong_shape_is_failed_precondition(server: Server, fresh: Path) -> None:
     def widen(tensors: dict) -> dict:
         key = "base_model.model.transformer_blocks.1.attn.to_k.lora_A.weight"
         tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
@@ -161,7 +150,7 @@ def test_wrong_shape_is_failed_precondition(server: ServerProcess, fresh: Path) 
     assert "transformer_blocks.1.attn.to_k" in error.details() and "[2, 35]" in error.details()
 
 
-def test_adapter_for_another_model_adapts_nothing(server: ServerProcess, fresh: Path) -> None:
+def test_adapter_for_another_model_adapts_nothing(server: Server, fresh: Path) -> None:
     """Keys in another model's naming match no module: an error, never a silent no-op."""
 
     def foreign(tensors: dict) -> dict:
@@ -173,13 +162,13 @@ def test_adapter_for_another_model_adapts_nothing(server: ServerProcess, fresh: 
     assert not any(a.path == str(fresh.resolve()) for a in listed(server).values())
 
 
-def test_unsupported_peft_feature_is_refused(server: ServerProcess, fresh: Path) -> None:
+def test_unsupported_peft_feature_is_refused(server: Server, fresh: Path) -> None:
     edit_config(fresh, use_dora=True)
     error = rpc_error(load, server, fresh)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "use_dora" in error.details()
 
 
-def test_concurrent_loads_of_one_adapter_read_it_once(server: ServerProcess, fresh: Path) -> None:
+def test_concurrent_loads_of_one_adapter_read_it_once(server: Server, fresh: Path) -> None:
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: load(server, fresh), range(8)))
     assert len({r.adapter.id for r in responses}) == 1
@@ -188,7 +177,7 @@ def test_concurrent_loads_of_one_adapter_read_it_once(server: ServerProcess, fre
     unload(server, name=fresh.name)
 
 
-def test_unload_removes_it_and_a_reload_reads_again(server: ServerProcess, fresh: Path) -> None:
+def test_unload_removes_it_and_a_reload_reads_again(server: Server, fresh: Path) -> None:
     load(server, fresh)
     gone = unload(server, path=str(fresh)).adapter
     assert gone.name == fresh.name and fresh.name not in listed(server)
@@ -199,14 +188,14 @@ def test_unload_removes_it_and_a_reload_reads_again(server: ServerProcess, fresh
     unload(server, name=fresh.name)
 
 
-def _long_generate(server: ServerProcess, lora: pb.LoraRequest, steps: int, timeout: float = 300):
+def _long_generate(server: Server, lora: pb.LoraRequest, steps: int, timeout: float = 300):
     request = pb.GenerateRequest(
         prompt=PROMPT, lora_request=lora, sampling_params=pb.SamplingParams(num_inference_steps=steps, seed=5)
     )
     return server.stub.Generate.future(request, timeout=timeout)
 
 
-def test_unload_during_generate_never_breaks_it(server: ServerProcess, fresh: Path) -> None:
+def test_unload_during_generate_never_breaks_it(server: Server, fresh: Path) -> None:
     lora = pb.LoraRequest(path=str(fresh))
     request = pb.GenerateRequest(
         prompt=PROMPT, lora_request=lora, sampling_params=pb.SamplingParams(num_inference_steps=40, seed=5)
@@ -222,12 +211,10 @@ def test_unload_during_generate_never_breaks_it(server: ServerProcess, fresh: Pa
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
-def test_cancel_and_deadline_stop_the_work_and_release_the_adapter(
-    server: ServerProcess, fresh: Path, how: str
-) -> None:
+def test_cancel_and_deadline_stop_the_work_and_release_the_adapter(server: Server, fresh: Path, how: str) -> None:
     load(server, fresh)
     lora = pb.LoraRequest(name=fresh.name)
-    # 1000 steps take minutes here; the adapter coming free proves the denoising stopped early.
+    since = len(server.log())
     future = _long_generate(server, lora, steps=1000, timeout=2.0 if how == "deadline" else 300)
     wait_for(lambda: listed(server)[fresh.name].in_use == 1)
     if how == "cancel":
@@ -236,16 +223,20 @@ def test_cancel_and_deadline_stop_the_work_and_release_the_adapter(
         future.result()
     if how == "deadline":
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_for(lambda: listed(server)[fresh.name].in_use == 0, timeout=60)
+    wait_for(lambda: request_lines(server.log(), since, f"adapter={fresh.name}#"))
+    # This request's own line: stopped at a step boundary, long before the 1000 steps it asked for.
+    (line,) = request_lines(server.log(), since, f"adapter={fresh.name}#")
+    assert log_field(line, "outcome") == ("CANCELLED" if how == "cancel" else "DEADLINE_EXCEEDED"), line
+    assert log_field(line, "steps") == "1000" and int(log_field(line, "steps_done")) < 1000, line
+    assert listed(server)[fresh.name].in_use == 0
     # The worker is free again: a normal request goes through.
     assert server.stub.Generate(
         pb.GenerateRequest(prompt=PROMPT, sampling_params=pb.SamplingParams(num_inference_steps=1)), timeout=60
     ).images
     unload(server, name=fresh.name)
-    assert "cancelled" in server.log().lower() or "deadline" in server.log().lower()
 
 
-def test_health_and_reflection(server: ServerProcess) -> None:
+def test_health_and_reflection(server: Server) -> None:
     from grpc_health.v1 import health_pb2
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -276,7 +267,7 @@ def small_server(cache_root: Path, preloaded: Path, tmp_path_factory: pytest.Tem
     srv.stop()
 
 
-def test_lru_eviction_skips_pinned_and_in_use(small_server: ServerProcess, model_dir: Path, tmp_path: Path) -> None:
+def test_lru_eviction_skips_pinned_and_in_use(small_server: Server, model_dir: Path, tmp_path: Path) -> None:
     a, b, c, d = (make_peft_adapter(model_dir, tmp_path / n, rank=2, alpha=2, seed=i) for i, n in enumerate("abcd"))
     load(small_server, a)
     load(small_server, b)  # table: pre (pinned), a, b -- full
@@ -304,24 +295,31 @@ def test_lru_eviction_skips_pinned_and_in_use(small_server: ServerProcess, model
     assert next(x.name for x in response.adapters) == "c"  # most recently used first
 
 
-def test_load_waits_for_nothing_but_its_own_file(server: ServerProcess, fresh: Path) -> None:
-    """A bad load fails only itself; a good one right beside it succeeds."""
-    broken = fresh.parent / f"{fresh.name}-broken"
-    shutil.copytree(fresh, broken)
-    (broken / "adapter_config.json").write_text("{not json")
-    errors: list[grpc.StatusCode] = []
+def test_load_waits_for_nothing_but_its_own_file(server: Server, fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load stuck reading its file holds up no other load, and fails only itself."""
+    stuck = fresh.parent / f"{fresh.name}-stuck"
+    shutil.copytree(fresh, stuck)
+    reading, release = threading.Event(), threading.Event()
+    real_read = AdapterReader.read
 
-    def bad() -> None:
+    def read(self: AdapterReader, path: str) -> object:
+        if Path(path).name == stuck.name:
+            reading.set()
+            release.wait(60)
+            raise InvalidArgument(f"{path}: not an adapter after all", field="path")
+        return real_read(self, path)
+
+    monkeypatch.setattr(AdapterReader, "read", read)
+    with ThreadPoolExecutor(1) as pool:
+        stuck_load = pool.submit(load, server, stuck)
         try:
-            load(server, broken)
-        except grpc.RpcError as exc:
-            errors.append(exc.code())
-
-    threads = [threading.Thread(target=bad) for _ in range(3)]
-    for t in threads:
-        t.start()
-    good = load(server, fresh)
-    for t in threads:
-        t.join()
-    assert errors == [grpc.StatusCode.INVALID_ARGUMENT] * 3 and good.adapter.name == fresh.name
+            assert reading.wait(30)
+            good = load(server, fresh)  # behind one global load lock, this would wait for the stuck read
+            assert good.adapter.name == fresh.name and not stuck_load.done()
+        finally:
+            release.set()
+        error = stuck_load.exception(timeout=60)
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not an adapter after all" in error.details()
+    assert stuck.name not in listed(server)
     unload(server, name=fresh.name)

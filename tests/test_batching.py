@@ -12,9 +12,10 @@ import pytest
 
 from omni_grpc.config import EngineConfig
 from omni_grpc.engine.engine import Engine
-from omni_grpc.engine.scheduler import BatchItem, Worker
 from omni_grpc.engine.types import GenerateRequest, GenerateResult, LoraRequest, SamplingParams
+from omni_grpc.engine.worker import BatchItem, Worker
 from omni_grpc.errors import Cancelled
+from tests.helpers import held_worker, run_together, wait_queued
 from tests.lora_factory import make_peft_adapter
 
 
@@ -49,31 +50,6 @@ def request(
         ),
         lora=lora,
     )
-
-
-def held_worker(engine: Engine) -> threading.Event:
-    """Occupy the worker so that the requests submitted next queue up and meet in one batch."""
-    release, running = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        running.set()
-        release.wait()
-
-    engine._worker.submit(hold)
-    running.wait()
-    return release
-
-
-def run_together(engine: Engine, requests: list[GenerateRequest], **kwargs) -> list[Future]:
-    release = held_worker(engine)
-    pool = ThreadPoolExecutor(len(requests))
-    futures = [pool.submit(engine.generate, r, **kwargs) for r in requests]
-    # Every request must be queued behind the holder before it lets go.
-    while engine._worker.queued < len(requests):
-        threading.Event().wait(0.01)
-    release.set()
-    pool.shutdown(wait=False)
-    return futures
 
 
 def arrays(result: GenerateResult) -> list[np.ndarray]:
@@ -136,11 +112,9 @@ def test_a_cancelled_request_leaves_its_batch_mates_alone(engine: Engine, mild_a
     pool = ThreadPoolExecutor(2)
     # The survivor queues first, so the doomed request is not the first one the step check looks at.
     survivor = pool.submit(engine.generate, good)
-    while engine._worker.queued < 1:
-        threading.Event().wait(0.01)
+    wait_queued(engine, 1)
     doomed = pool.submit(engine.generate, request(seed=9), cancelled=cancel_after_two_checks)
-    while engine._worker.queued < 2:
-        threading.Event().wait(0.01)
+    wait_queued(engine, 2)
     release.set()
     with pytest.raises(Cancelled, match="after 2 denoising steps"):
         doomed.result()
@@ -159,7 +133,7 @@ class Recorder:
         self.gate.set()
         self.on_batch: Callable[[], None] | None = None
 
-    def __call__(self, items: list[BatchItem]) -> None:
+    def __call__(self, items: list[BatchItem[str]]) -> None:
         self.gate.wait()
         self.batches.append([item.payload for item in items])
         if self.on_batch is not None:
@@ -168,32 +142,43 @@ class Recorder:
             item.future.set_result(None)
 
 
-def item(key: str, name: str, size: int = 1) -> BatchItem:
+def item(key: str, name: str, size: int = 1) -> BatchItem[str]:
     return BatchItem(key=key, size=size, payload=name)
+
+
+def worker_with(recorder: Recorder, max_batch_size: int) -> Worker[str]:
+    worker: Worker[str] = Worker(max_batch_size=max_batch_size)
+    worker.start_batching(recorder)
+    return worker
+
+
+def submit(worker: Worker[str], job: BatchItem[str]) -> Future:
+    worker.submit_batchables([job])
+    return job.future
 
 
 def test_a_lone_request_runs_alone_at_once() -> None:
     recorder = Recorder()
-    worker = Worker(recorder, max_batch_size=8)
-    worker.submit_batchable(item("x", "first")).result()
-    worker.submit_batchable(item("x", "second")).result()
+    worker = worker_with(recorder, max_batch_size=8)
+    submit(worker, item("x", "first")).result()
+    submit(worker, item("x", "second")).result()
     assert recorder.batches == [["first"], ["second"]]
     worker.close()
 
 
 def test_oldest_first_no_starvation_and_size_bound() -> None:
     recorder = Recorder()
-    worker = Worker(recorder, max_batch_size=3)
+    worker = worker_with(recorder, max_batch_size=3)
     hold = threading.Event()
     worker.submit(hold.wait)
     futures = [
-        worker.submit_batchable(i)
+        submit(worker, i)
         for i in (item("x", "x1"), item("y", "y1"), item("x", "x2", size=2), item("x", "x3"), item("x", "x4"))
     ]
 
     def more_x() -> None:  # a stream of x keeps arriving while x batches run
         if len(recorder.batches) == 1:
-            futures.append(worker.submit_batchable(item("x", "x5")))
+            futures.append(submit(worker, item("x", "x5")))
 
     recorder.on_batch = more_x
     hold.set()

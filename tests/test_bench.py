@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.server_process import REPO
+from tests.helpers import REPO
 
 
 def test_quick_benchmark_writes_its_report(cache_root: Path, tmp_path: Path) -> None:

@@ -15,16 +15,11 @@ from diffusers import (
 )
 from transformers import CLIPTokenizer
 
-from omni_grpc.engine import default_model
-from omni_grpc.engine.default_model import (
-    DEFAULT_MODEL_TAG,
-    SMALL_SD3,
-    TinySD3Spec,
-    build_tiny_sd3,
-    build_tiny_sd15,
-    default_model_dir,
-)
-from omni_grpc.engine.tiny_tokenizer import write_clip_tokenizer
+from omni_grpc.tiny_models import sd3
+from omni_grpc.tiny_models.clip_tokenizer import write_clip_tokenizer
+from omni_grpc.tiny_models.default import DEFAULT_MODEL_TAG, default_model_dir
+from omni_grpc.tiny_models.sd3 import SMALL_SD3, TinySD3Spec, build_tiny_sd3
+from tests.tiny_sd15 import build_tiny_sd15
 
 PROMPT = "a photo of a cat sitting on a red chair"
 
@@ -124,16 +119,19 @@ def test_sd3_seed_changes_weights(sd3_dir: Path, tmp_path: Path) -> None:
     assert other["model_index.json"] == files["model_index.json"]
 
 
-def test_sd3_generates_deterministic_64px(sd3_dir: Path) -> None:
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        sd3_dir, text_encoder_3=None, tokenizer_3=None, local_files_only=True
-    )
+def _assert_deterministic_64px(pipe: DiffusionPipeline) -> None:
     pipe.set_progress_bar_config(disable=True)
     first = _generate(pipe, seed=0)
     assert first.shape == (1, 64, 64, 3)
     assert np.isfinite(first).all()
     np.testing.assert_array_equal(first, _generate(pipe, seed=0))
     assert not np.array_equal(first, _generate(pipe, seed=1))
+
+
+def test_sd3_generates_deterministic_64px(sd3_dir: Path) -> None:
+    _assert_deterministic_64px(
+        StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    )
 
 
 def test_sd3_loads_via_diffusion_pipeline(sd3_dir: Path) -> None:
@@ -152,12 +150,7 @@ def test_sd15_build_is_byte_reproducible(sd15_dir: Path, tmp_path: Path) -> None
 def test_sd15_generates_deterministic_64px(sd15_dir: Path) -> None:
     pipe = StableDiffusionPipeline.from_pretrained(sd15_dir, local_files_only=True)
     assert pipe.safety_checker is None
-    pipe.set_progress_bar_config(disable=True)
-    first = _generate(pipe, seed=0)
-    assert first.shape == (1, 64, 64, 3)
-    assert np.isfinite(first).all()
-    np.testing.assert_array_equal(first, _generate(pipe, seed=0))
-    assert not np.array_equal(first, _generate(pipe, seed=1))
+    _assert_deterministic_64px(pipe)
 
 
 def test_specs() -> None:
@@ -178,7 +171,7 @@ def test_default_model_dir_builds_once(sd3_dir: Path, tmp_path: Path, monkeypatc
     def no_rebuild(*args: object, **kwargs: object) -> Path:
         raise AssertionError("must reuse the cached build")
 
-    monkeypatch.setattr(default_model, "build_tiny_sd3", no_rebuild)
+    monkeypatch.setattr(sd3, "build_tiny_sd3", no_rebuild)
     assert default_model_dir(tmp_path) == folder
     # The env var is the fallback root when no argument is given.
     monkeypatch.setenv("OMNI_GRPC_CACHE", str(tmp_path))
@@ -195,7 +188,7 @@ def test_default_model_dir_concurrent_builder_wins(tmp_path: Path, monkeypatch: 
         (final / "model_index.json").write_text("theirs")
         return out_dir
 
-    monkeypatch.setattr(default_model, "build_tiny_sd3", racing_build)
+    monkeypatch.setattr(sd3, "build_tiny_sd3", racing_build)
     assert default_model_dir(tmp_path) == final
     assert (final / "model_index.json").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == [DEFAULT_MODEL_TAG]

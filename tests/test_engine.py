@@ -17,12 +17,12 @@ from safetensors.torch import load_file, save_file
 
 from omni_grpc import Omni, OmniDiffusionSamplingParams
 from omni_grpc.config import EngineConfig
-from omni_grpc.engine.default_model import build_tiny_sd15
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.pipeline import load_pipeline
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
 from omni_grpc.errors import FailedPrecondition, InvalidArgument, ModelLoadError
 from tests.lora_factory import assert_close_image, make_peft_adapter, mean_abs_diff, reference_image
+from tests.tiny_sd15 import build_tiny_sd15
 
 PROMPT = "a lighthouse at dusk"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.server_process import REPO
+from omni_grpc.errors import NotFound
+from tests.helpers import REPO
 
 
 def run_example(*args: str, cache_root: Path) -> subprocess.CompletedProcess:
@@ -25,12 +26,20 @@ def run_example(*args: str, cache_root: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("mode", ["--lora-path", "--lora-request-path"])
-def test_offline_example_writes_the_image(cache_root: Path, style_a: Path, tmp_path: Path, mode: str) -> None:
-    output = tmp_path / f"out{mode}.png"
-    common = ["--prompt", "A piece of cheesecake", "--lora-scale", "1.0", "--num-inference-steps", "3"]
-    size = ["--height", "64", "--width", "64", "--seed", "5", "--output", str(output)]
-    done = run_example(*common, mode, str(style_a), *size, cache_root=cache_root)
+def run_in_process(*args: str) -> int:
+    from examples.offline_inference.lora_inference.lora_inference import main
+
+    return main(list(args))
+
+
+COMMON = ["--prompt", "A piece of cheesecake", "--lora-scale", "1.0", "--num-inference-steps", "3"]
+SIZE = ["--height", "64", "--width", "64", "--seed", "5"]
+
+
+def test_offline_example_preloaded_as_the_guide_runs_it(cache_root: Path, style_a: Path, tmp_path: Path) -> None:
+    """`python -m examples...` in a process of its own, as the guide runs it."""
+    output = tmp_path / "out.png"
+    done = run_example(*COMMON, "--lora-path", str(style_a), *SIZE, "--output", str(output), cache_root=cache_root)
     assert done.returncode == 0, done.stderr
     assert "adapter style_a" in done.stdout and "scale 1" in done.stdout
     assert "3/3" in done.stderr  # diffusers' progress bar
@@ -38,26 +47,34 @@ def test_offline_example_writes_the_image(cache_root: Path, style_a: Path, tmp_p
         assert image.format == "PNG" and image.size == (64, 64)
 
 
-def test_offline_example_base_and_per_request_id(cache_root: Path, style_a: Path, tmp_path: Path) -> None:
+def test_offline_example_per_request(
+    cache_root: Path, style_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "out.png"
+    assert run_in_process(*COMMON, "--lora-request-path", str(style_a), *SIZE, "--output", str(output)) == 0
+    captured = capsys.readouterr()
+    assert "adapter style_a" in captured.out and "scale 1" in captured.out
+    assert "3/3" in captured.err  # diffusers' progress bar
+    with Image.open(output) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+
+
+def test_offline_example_base_and_per_request_id(
+    cache_root: Path, style_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base_out, lora_out = tmp_path / "base.png", tmp_path / "lora.png"
     args = ["--prompt", "x", "--num-inference-steps", "2", "--height", "64", "--width", "64", "--seed", "1"]
-    assert run_example(*args, "--output", str(base_out), cache_root=cache_root).returncode == 0
-    done = run_example(
-        *args,
-        "--lora-request-path",
-        str(style_a),
-        "--lora-request-id",
-        "77",
-        "--output",
-        str(lora_out),
-        cache_root=cache_root,
+    assert run_in_process(*args, "--output", str(base_out)) == 0
+    assert (
+        run_in_process(*args, "--lora-request-path", str(style_a), "--lora-request-id", "77", "--output", str(lora_out))
+        == 0
     )
-    assert done.returncode == 0, done.stderr
-    assert "id 77" in done.stdout
+    assert "id 77" in capsys.readouterr().out
     assert base_out.read_bytes() != lora_out.read_bytes()
 
 
 def test_offline_example_missing_adapter_fails_clearly(cache_root: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    done = run_example("--prompt", "x", "--lora-request-path", str(missing), "--output", "x.png", cache_root=cache_root)
-    assert done.returncode != 0 and str(missing) in done.stderr and "does not exist" in done.stderr
+    with pytest.raises(NotFound, match="does not exist on the server machine") as error:
+        run_in_process("--prompt", "x", "--lora-request-path", str(missing), "--output", str(tmp_path / "x.png"))
+    assert str(missing) in error.value.message

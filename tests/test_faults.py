@@ -3,7 +3,6 @@ request's failure (out of memory) failing that request only."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,13 +17,12 @@ from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import GenerateRequest, SamplingParams
 from omni_grpc.errors import ResourceExhausted
 from omni_grpc.v1 import omni_pb2 as pb
-from tests.server_process import ServerProcess, start_server
-from tests.test_adapters import listed, wait_for
-from tests.test_batching import held_worker
+from tests.helpers import Server, held_worker, listed, log_field, request_lines, start_server, wait_for, wait_queued
+from tests.lora_factory import make_peft_adapter
 
 
 @pytest.fixture(scope="module")
-def tight(cache_root: Path, preloaded: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def tight(cache_root: Path, preloaded: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One request runs, one waits; requests over 2000 bytes are refused by name."""
     srv = start_server(
         [
@@ -53,18 +51,29 @@ def slow(lora: pb.LoraRequest | None = None) -> pb.GenerateRequest:
     )
 
 
-def test_a_full_queue_is_resource_exhausted_at_once(tight: ServerProcess) -> None:
+def assert_stopped_early(server: Server, since: int, adapter: str, count: int, outcome: str = "CANCELLED") -> None:
+    """The `count` requests on `adapter` logged since `since` stopped at a step, long before their 1000."""
+    wait_for(lambda: len(request_lines(server.log(), since, f"adapter={adapter}#")) == count)
+    for line in request_lines(server.log(), since, f"adapter={adapter}#"):
+        assert log_field(line, "outcome") == outcome, line
+        assert log_field(line, "steps") == "1000" and int(log_field(line, "steps_done")) < 1000, line
+
+
+def test_a_full_queue_is_resource_exhausted_at_once(tight: Server) -> None:
+    since = len(tight.log())
     running = tight.stub.Generate.future(slow(pb.LoraRequest(name="pre")), timeout=120)
     wait_for(lambda: listed(tight)["pre"].in_use == 1)
     waiting = tight.stub.Generate.future(slow(pb.LoraRequest(name="pre")), timeout=120)
     wait_for(lambda: listed(tight)["pre"].in_use == 2)
     with pytest.raises(grpc.RpcError) as refused:
-        # The deadline is generous; the refusal must not wait for either request ahead.
         tight.stub.Generate(slow(), timeout=60)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "at capacity: 1 requests are waiting (--max-queue 1); retry later" in refused.value.details()
+    # At once: refused while both requests ahead of it were still there, not after either finished.
+    assert not running.done() and not waiting.done() and listed(tight)["pre"].in_use == 2
     running.cancel()
     waiting.cancel()
+    assert_stopped_early(tight, since, "pre", 2)
     wait_for(lambda: listed(tight)["pre"].in_use == 0)
     # Capacity comes back as soon as the queue drains.
     small = pb.GenerateRequest(
@@ -73,7 +82,7 @@ def test_a_full_queue_is_resource_exhausted_at_once(tight: ServerProcess) -> Non
     assert tight.stub.Generate(small, timeout=60).images
 
 
-def test_request_size_limits(tight: ServerProcess) -> None:
+def test_request_size_limits(tight: Server) -> None:
     over = pb.GenerateRequest(prompt="x" * 3000)
     with pytest.raises(grpc.RpcError) as named:
         tight.stub.Generate(over, timeout=30)
@@ -87,12 +96,11 @@ def test_request_size_limits(tight: ServerProcess) -> None:
 
 @pytest.mark.parametrize("stop", ["cancel", "deadline"])
 def test_cancel_and_deadline_mid_generation_free_the_adapter(
-    tight: ServerProcess, model_dir: Path, tmp_path: Path, stop: str
+    tight: Server, model_dir: Path, tmp_path: Path, stop: str
 ) -> None:
-    from tests.lora_factory import make_peft_adapter
-
     path = make_peft_adapter(model_dir, tmp_path / f"held_{stop}", rank=2, alpha=2, seed=31)
     lora = pb.LoraRequest(path=str(path))
+    since = len(tight.log())
     if stop == "cancel":
         future = tight.stub.Generate.future(slow(lora), timeout=120)
         wait_for(lambda: listed(tight).get(f"held_{stop}") is not None and listed(tight)[f"held_{stop}"].in_use == 1)
@@ -101,6 +109,7 @@ def test_cancel_and_deadline_mid_generation_free_the_adapter(
         with pytest.raises(grpc.RpcError) as late:
             tight.stub.Generate(slow(lora), timeout=1.0)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_stopped_early(tight, since, f"held_{stop}", 1, "CANCELLED" if stop == "cancel" else "DEADLINE_EXCEEDED")
     wait_for(lambda: listed(tight)[f"held_{stop}"].in_use == 0)
     unloaded = tight.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=f"held_{stop}"), timeout=30)
     assert unloaded.adapter.in_use == 0
@@ -141,8 +150,7 @@ def test_out_of_memory_in_a_batch_fails_only_the_request_that_does_not_fit(
         release = held_worker(engine)
         with ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(engine.generate, r) for r in requests]
-            while engine._worker.queued < len(requests):
-                threading.Event().wait(0.01)
+            wait_queued(engine, len(requests))
             release.set()
             first, third = futures[0].result(timeout=120), futures[2].result(timeout=120)
             with pytest.raises(ResourceExhausted, match="out of memory for this request; retry with fewer images"):

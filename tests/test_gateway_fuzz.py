@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,12 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 
-from tests.gateway_process import GatewayProcess, start_gateway
-from tests.server_process import start_server
+from tests.helpers import start_gateway, start_server
 
 
 @pytest.fixture(scope="module")
-def fuzz_gateway(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+def fuzz_gateway(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A gateway (admin routes on) over a server whose limits keep any valid generation tiny."""
     logs = tmp_path_factory.mktemp("fuzz-logs")
     srv = start_server(
@@ -42,7 +42,7 @@ def fuzz_gateway(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     srv.stop()
 
 
-def test_schemathesis_finds_no_server_error(fuzz_gateway: GatewayProcess) -> None:
+def test_schemathesis_finds_no_server_error(fuzz_gateway: Any) -> None:
     """Every operation of /openapi.json, with bodies generated from the schema (valid and not)."""
     schema = schemathesis.openapi.from_url(f"{fuzz_gateway.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -117,7 +117,7 @@ bodies = (
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/images/generations", "/v1/load_lora_adapter"])
-def test_fuzzed_bodies_get_4xx_never_5xx(fuzz_gateway: GatewayProcess, route: str) -> None:
+def test_fuzzed_bodies_get_4xx_never_5xx(fuzz_gateway: Any, route: str) -> None:
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(body=bodies)
     def check(body: object) -> None:

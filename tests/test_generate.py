@@ -12,15 +12,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from omni_grpc.v1 import omni_pb2 as pb
+from tests.helpers import PROMPT, Server, rpc_error
 from tests.lora_factory import assert_close_image, decode, mean_abs_diff, reference_image
-from tests.server_process import ServerProcess
 
-PROMPT = "a piece of cheesecake"
 STEPS = 3
 
 
 def generate(
-    server: ServerProcess, *, seed: int | None = 7, lora: pb.LoraRequest | None = None, **sampling
+    server: Server, *, seed: int | None = 7, lora: pb.LoraRequest | None = None, **sampling
 ) -> pb.GenerateResponse:
     params = pb.SamplingParams(num_inference_steps=STEPS, height=64, width=64, **sampling)
     if seed is not None:
@@ -31,13 +30,7 @@ def generate(
     return server.stub.Generate(request, timeout=120)
 
 
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    return info.value
-
-
-def test_same_seed_same_bytes_and_png_metadata(server: ServerProcess) -> None:
+def test_same_seed_same_bytes_and_png_metadata(server: Server) -> None:
     first = generate(server, seed=11)
     second = generate(server, seed=11)
     assert first.images[0].data == second.images[0].data
@@ -49,7 +42,7 @@ def test_same_seed_same_bytes_and_png_metadata(server: ServerProcess) -> None:
     assert first.timings.total_ms >= first.timings.inference_ms > 0
 
 
-def test_no_seed_picks_one_and_returns_it(server: ServerProcess) -> None:
+def test_no_seed_picks_one_and_returns_it(server: Server) -> None:
     first = generate(server, seed=None)
     again = generate(server, seed=first.images[0].seed)
     assert first.images[0].data == again.images[0].data
@@ -57,25 +50,27 @@ def test_no_seed_picks_one_and_returns_it(server: ServerProcess) -> None:
     assert other.images[0].seed != first.images[0].seed
 
 
-def test_seed_zero_is_a_seed(server: ServerProcess) -> None:
+def test_seed_zero_is_a_seed(server: Server) -> None:
     response = generate(server, seed=0)
     assert response.images[0].seed == 0
     assert response.images[0].data == generate(server, seed=0).images[0].data
 
 
-def test_num_images_each_reproducible_alone(server: ServerProcess) -> None:
+def test_num_images_each_reproducible_alone(server: Server) -> None:
     response = generate(server, seed=100, num_images=2)
     assert [img.seed for img in response.images] == [100, 101]
-    alone = generate(server, seed=101)
-    # Batched and single runs agree up to float rounding.
-    assert_close_image(decode(response.images[1].data), decode(alone.images[0].data))
+    for image in response.images:
+        alone = generate(server, seed=image.seed)
+        # Batched and single runs agree up to float rounding.
+        assert_close_image(decode(image.data), decode(alone.images[0].data))
+    assert response.images[0].data != response.images[1].data
 
 
 @pytest.mark.parametrize(
     ("fmt", "mime", "magic"),
     [(pb.OUTPUT_FORMAT_JPEG, "image/jpeg", b"\xff\xd8"), (pb.OUTPUT_FORMAT_WEBP, "image/webp", b"RIFF")],
 )
-def test_output_formats(server: ServerProcess, fmt: int, mime: str, magic: bytes) -> None:
+def test_output_formats(server: Server, fmt: int, mime: str, magic: bytes) -> None:
     request = pb.GenerateRequest(
         prompt=PROMPT, output_format=fmt, sampling_params=pb.SamplingParams(num_inference_steps=1, seed=1)
     )
@@ -83,13 +78,13 @@ def test_output_formats(server: ServerProcess, fmt: int, mime: str, magic: bytes
     assert image.mime_type == mime and image.data.startswith(magic)
 
 
-def test_base_matches_plain_diffusers(server: ServerProcess, model_dir: Path) -> None:
+def test_base_matches_plain_diffusers(server: Server, model_dir: Path) -> None:
     expected = reference_image(model_dir, prompt=PROMPT, seed=7, steps=STEPS)
     assert_close_image(decode(generate(server, seed=7).images[0].data), expected)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_lora_matches_peft_reference(server: ServerProcess, model_dir: Path, style_a: Path, scale: float) -> None:
+def test_lora_matches_peft_reference(server: Server, model_dir: Path, style_a: Path, scale: float) -> None:
     """style_a has r=4, lora_alpha=8: a loader assuming alpha == r would land on the 0.5 image at 1.0."""
     response = generate(server, seed=7, lora=pb.LoraRequest(path=str(style_a), scale=scale))
     expected = reference_image(model_dir, prompt=PROMPT, seed=7, steps=STEPS, adapter=style_a, scale=scale)
@@ -101,7 +96,7 @@ def test_lora_matches_peft_reference(server: ServerProcess, model_dir: Path, sty
     assert response.adapter.path == str(style_a.resolve())
 
 
-def test_scales_differ_and_zero_scale_is_base(server: ServerProcess, style_a: Path) -> None:
+def test_scales_differ_and_zero_scale_is_base(server: Server, style_a: Path) -> None:
     lora = pb.LoraRequest(path=str(style_a))
     full = decode(generate(server, lora=lora).images[0].data)
     lora.scale = 0.5
@@ -112,7 +107,7 @@ def test_scales_differ_and_zero_scale_is_base(server: ServerProcess, style_a: Pa
     assert zero == generate(server).images[0].data
 
 
-def test_concurrent_requests_on_one_adapter_keep_their_own_scale(server: ServerProcess, style_a: Path) -> None:
+def test_concurrent_requests_on_one_adapter_keep_their_own_scale(server: Server, style_a: Path) -> None:
     def at(scale: float) -> pb.GenerateResponse:
         return generate(server, seed=13, lora=pb.LoraRequest(path=str(style_a), scale=scale))
 
@@ -127,14 +122,14 @@ def test_concurrent_requests_on_one_adapter_keep_their_own_scale(server: ServerP
         assert response.adapter.scale == scale
 
 
-def test_base_is_bit_identical_to_plain_diffusers(server: ServerProcess, model_dir: Path, style_a: Path) -> None:
+def test_base_is_bit_identical_to_plain_diffusers(server: Server, model_dir: Path, style_a: Path) -> None:
     """A server with adapters loaded (and used) gives exactly what a pipeline that never saw one gives."""
     generate(server, seed=17, lora=pb.LoraRequest(path=str(style_a)))
     expected = reference_image(model_dir, prompt=PROMPT, seed=17, steps=STEPS)
     assert np.array_equal(decode(generate(server, seed=17).images[0].data), expected)
 
 
-def test_base_bit_identical_before_and_after_adapters(server: ServerProcess, style_a: Path, style_b: Path) -> None:
+def test_base_bit_identical_before_and_after_adapters(server: Server, style_a: Path, style_b: Path) -> None:
     before = generate(server, seed=21).images[0].data
     generate(server, seed=21, lora=pb.LoraRequest(path=str(style_a)))
     generate(server, seed=21, lora=pb.LoraRequest(path=str(style_b), scale=1.5))
@@ -142,7 +137,7 @@ def test_base_bit_identical_before_and_after_adapters(server: ServerProcess, sty
     assert generate(server, seed=21).images[0].data == before
 
 
-def test_preloaded_by_name_id_and_path_without_reload(server: ServerProcess, preloaded: Path) -> None:
+def test_preloaded_by_name_id_and_path_without_reload(server: Server, preloaded: Path) -> None:
     listed = {a.name: a for a in server.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
     pre = listed["pre"]
     assert pre.pinned and pre.loads == 1 and pre.path == str(preloaded.resolve())
@@ -183,7 +178,7 @@ def _field_violation(error: grpc.RpcError) -> str | None:
         ({"guidance_scale": -1.0}, "sampling_params.guidance_scale", "between 0 and"),
     ],
 )
-def test_invalid_sampling_params(server: ServerProcess, sampling: dict, field: str, words: str) -> None:
+def test_invalid_sampling_params(server: Server, sampling: dict, field: str, words: str) -> None:
     params = pb.SamplingParams(**sampling)
     error = rpc_error(server.stub.Generate, pb.GenerateRequest(prompt=PROMPT, sampling_params=params), timeout=30)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -191,7 +186,7 @@ def test_invalid_sampling_params(server: ServerProcess, sampling: dict, field: s
     assert _field_violation(error) == field
 
 
-def test_invalid_prompt_and_scale_and_format(server: ServerProcess, style_a: Path) -> None:
+def test_invalid_prompt_and_scale_and_format(server: Server, style_a: Path) -> None:
     error = rpc_error(server.stub.Generate, pb.GenerateRequest(prompt="  "), timeout=30)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt must not be empty" in error.details()
     error = rpc_error(server.stub.Generate, pb.GenerateRequest(prompt="x" * 10_001), timeout=30)
@@ -203,13 +198,13 @@ def test_invalid_prompt_and_scale_and_format(server: ServerProcess, style_a: Pat
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "output_format" in error.details()
 
 
-def test_server_keeps_serving_after_errors(server: ServerProcess) -> None:
+def test_server_keeps_serving_after_errors(server: Server) -> None:
     for _ in range(3):
         rpc_error(server.stub.Generate, pb.GenerateRequest(prompt=""), timeout=30)
     assert generate(server).images
 
 
-def test_rgb_output_is_not_constant(server: ServerProcess) -> None:
+def test_rgb_output_is_not_constant(server: Server) -> None:
     # Guards the comparisons above: identical-looking blank images would make them vacuous.
     image = decode(generate(server, seed=3).images[0].data)
     assert image.shape == (64, 64, 3) and np.std(image) > 5

@@ -17,14 +17,14 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from omni_grpc import server as server_module
 from omni_grpc.config import EngineConfig, ServerConfig
 from omni_grpc.engine.engine import Engine
+from omni_grpc.loopback import free_port
+from omni_grpc.service import server as server_module
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
+from tests.helpers import REPO, listed, start_server, wait_for
 from tests.lora_factory import make_peft_adapter
-from tests.server_process import REPO, free_port, start_server
-from tests.test_adapters import listed, wait_for
 
 
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_zero(
@@ -33,6 +33,7 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_zero(
     srv = start_server(
         ["--cache-dir", str(cache_root), "--lora-path", f"pre={preloaded}", "--torch-threads", "1"],
         log_path=tmp_path / "s.log",
+        process=True,
     )
     statuses: list[int] = []
     watch = health_pb2_grpc.HealthStub(srv.channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.server_process import REPO
+from tests.helpers import REPO
 
 GENERATED = REPO / "omni_grpc" / "v1"
 
@@ -23,6 +23,7 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         "omni_grpc/v1/omni_pb2.py",
         "omni_grpc/v1/omni_pb2.pyi",
         "omni_grpc/v1/omni_pb2_grpc.py",
+        "omni_grpc/v1/omni_pb2_grpc.pyi",
     ]
     stale = [str(p) for p in fresh if (tmp_path / p).read_bytes() != (REPO / p).read_bytes()]
     assert not stale, f"regenerate with `python scripts/gen_protos.py`: {stale} differ from protos/"

@@ -20,21 +20,14 @@ from cryptography.x509.oid import NameOID
 
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
-from tests.gateway_process import start_gateway
+from tests.helpers import Server, rpc_error, start_gateway, start_server
 from tests.lora_factory import make_peft_adapter
-from tests.server_process import ServerProcess, start_server
 
 TOKEN = "s3cret-admin-token"
 SMALL = pb.SamplingParams(height=64, width=64, num_inference_steps=1, seed=1)
 
 
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    return info.value
-
-
-def generate(server: ServerProcess, lora: pb.LoraRequest, timeout: float = 60) -> pb.GenerateResponse:
+def generate(server: Server, lora: pb.LoraRequest, timeout: float = 60) -> pb.GenerateResponse:
     request = pb.GenerateRequest(prompt="p", sampling_params=SMALL, lora_request=lora)
     return server.stub.Generate(request, timeout=timeout)
 
@@ -55,10 +48,13 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def guarded(cache_root: Path, preloaded: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A server with one allowed folder and an admin token; cwd elsewhere, so nothing resolves by accident."""
+    # (The soak test passes its token by $OMNI_GRPC_ADMIN_TOKEN to a server process.)
     srv = start_server(
-        ["--cache-dir", str(cache_root), "--lora-path", f"pre={preloaded}", "--lora-dirs", str(lora_dir)],
+        [
+            *("--cache-dir", str(cache_root), "--lora-path", f"pre={preloaded}"),
+            *("--lora-dirs", str(lora_dir), "--admin-token", TOKEN),
+        ],
         log_path=tmp_path_factory.mktemp("logs") / "guarded.log",
-        env={"OMNI_GRPC_ADMIN_TOKEN": TOKEN},
     )
     yield srv
     srv.stop()
@@ -67,7 +63,7 @@ def guarded(cache_root: Path, preloaded: Path, lora_dir: Path, tmp_path_factory:
 # --- paths ----------------------------------------------------------------------------------------------------
 
 
-def test_paths_inside_the_lora_dir_load(guarded: ServerProcess, model_dir: Path, lora_dir: Path) -> None:
+def test_paths_inside_the_lora_dir_load(guarded: Server, model_dir: Path, lora_dir: Path) -> None:
     make_peft_adapter(model_dir, lora_dir / "inside", rank=2, alpha=2, seed=7)
     (lora_dir / "sub").mkdir(exist_ok=True)
     assert generate(guarded, pb.LoraRequest(path=str(lora_dir / "inside"))).adapter.name == "inside"
@@ -81,7 +77,7 @@ def test_paths_inside_the_lora_dir_load(guarded: ServerProcess, model_dir: Path,
 
 @pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink", "symlinked_file"])
 def test_paths_that_escape_are_permission_denied(
-    guarded: ServerProcess, model_dir: Path, lora_dir: Path, outside: Path, how: str
+    guarded: Server, model_dir: Path, lora_dir: Path, outside: Path, how: str
 ) -> None:
     target = make_peft_adapter(model_dir, outside / f"evil_{how}", rank=2, alpha=2, seed=8)
     if how == "dotdot":
@@ -119,8 +115,8 @@ def test_paths_that_escape_are_permission_denied(
     assert not any(name.startswith("evil") or name == "half_evil" for name in names)
 
 
-def test_an_escaping_path_is_refused_before_any_file_is_opened(guarded: ServerProcess, outside: Path) -> None:
-    # A FIFO outside: refused by its path alone (lora_io would also refuse it as not a regular file).
+def test_an_escaping_path_is_refused_before_any_file_is_opened(guarded: Server, outside: Path) -> None:
+    # A FIFO outside: refused by its path alone (the reader would also refuse it as not a regular file).
     fifo_dir = outside / "fifo_adapter"
     fifo_dir.mkdir(exist_ok=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
@@ -138,9 +134,7 @@ def test_an_escaping_path_is_refused_before_any_file_is_opened(guarded: ServerPr
         (pb.LoraRequest(path="inside", name="a b"), "is invalid"),
     ],
 )
-def test_nul_bytes_and_bad_names_are_invalid_argument(
-    guarded: ServerProcess, lora: pb.LoraRequest, field_words: str
-) -> None:
+def test_nul_bytes_and_bad_names_are_invalid_argument(guarded: Server, lora: pb.LoraRequest, field_words: str) -> None:
     error = rpc_error(generate, guarded, lora)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field_words in error.details()
 
@@ -164,8 +158,9 @@ def test_allow_any_lora_path_lifts_it_loudly(cache_root: Path, style_a: Path, tm
     srv = start_server(["--cache-dir", str(cache_root), "--allow-any-lora-path"], log_path=tmp_path / "s.log")
     try:
         assert generate(srv, pb.LoraRequest(path=str(style_a))).adapter.name == "style_a"
-        assert "WARNING omni_grpc.server: --allow-any-lora-path: clients may load adapter files from ANY path" in (
-            srv.log()
+        assert (
+            "WARNING omni_grpc.service.server: --allow-any-lora-path: clients may load adapter files from ANY path"
+            in (srv.log())
         )
     finally:
         srv.stop()
@@ -183,7 +178,7 @@ def test_allow_any_lora_path_lifts_it_loudly(cache_root: Path, style_a: Path, tm
     ],
 )
 def test_admin_calls_without_the_token_are_unauthenticated(
-    guarded: ServerProcess, lora_dir: Path, model_dir: Path, metadata: list | None, words: str
+    guarded: Server, lora_dir: Path, model_dir: Path, metadata: list | None, words: str
 ) -> None:
     path = make_peft_adapter(model_dir, lora_dir / "admin_target", rank=2, alpha=2, seed=9)
     error = rpc_error(guarded.stub.LoadAdapter, pb.LoadAdapterRequest(path=str(path)), metadata=metadata, timeout=30)
@@ -194,7 +189,7 @@ def test_admin_calls_without_the_token_are_unauthenticated(
     assert "admin_target" not in names and "pre" in names
 
 
-def test_admin_calls_with_the_token_work(guarded: ServerProcess, lora_dir: Path, model_dir: Path) -> None:
+def test_admin_calls_with_the_token_work(guarded: Server, lora_dir: Path, model_dir: Path) -> None:
     path = make_peft_adapter(model_dir, lora_dir / "admin_ok", rank=2, alpha=2, seed=10)
     auth = [("authorization", f"Bearer {TOKEN}")]
     loaded = guarded.stub.LoadAdapter(pb.LoadAdapterRequest(path=str(path)), metadata=auth, timeout=30)
@@ -205,7 +200,7 @@ def test_admin_calls_with_the_token_work(guarded: ServerProcess, lora_dir: Path,
 
 
 def test_the_gateway_passes_the_callers_token_through(
-    guarded: ServerProcess, lora_dir: Path, model_dir: Path, tmp_path: Path
+    guarded: Server, lora_dir: Path, model_dir: Path, tmp_path: Path
 ) -> None:
     path = make_peft_adapter(model_dir, lora_dir / "via_gateway", rank=2, alpha=2, seed=11)
     gateway = start_gateway(guarded.target, ["--enable-lora-admin"], log_path=tmp_path / "gw.log")

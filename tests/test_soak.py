@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.server_process import REPO
+from tests.helpers import REPO
 
 CYCLES = 1000
 # Each cycle loads and unloads a rank-64 adapter of 128 KiB (8 modules x (64x32 + 32x64) float32): were

@@ -13,6 +13,7 @@ import pytest
 
 from omni_grpc.engine.adapters import AdapterTable, LoadedAdapter, Tier
 from omni_grpc.engine.types import AdapterFormat, LoraRequest
+from tests.helpers import wait_for
 
 
 class GatedBackend:
@@ -23,6 +24,8 @@ class GatedBackend:
         self.gate: threading.Event | None = None
         self.inside = threading.Event()
         self.fail_moves = False
+        # Internal names whose move is under way (paused at the gate).
+        self.moving: set[str] = set()
 
     def load(self, path: str, internal_name: str) -> LoadedAdapter:
         self.slots[internal_name] = "device"
@@ -35,8 +38,10 @@ class GatedBackend:
         if internal_name not in self.slots:
             return
         if self.gate is not None:
+            self.moving.add(internal_name)
             self.inside.set()
             self.gate.wait(10)
+            self.moving.discard(internal_name)
         if self.fail_moves:
             raise RuntimeError("out of memory while pinning host memory")
         self.slots[internal_name] = tier.value
@@ -64,9 +69,12 @@ def test_unload_during_a_move_down_leaves_no_slot_and_true_counts(paths: list[st
     backend.gate = threading.Event()
     loader = threading.Thread(target=lambda: table.load(paths[1]))  # demotes a0 to host, paused mid-move
     loader.start()
-    backend.inside.wait(10)
+    assert backend.inside.wait(10), "the load never moved a0 down"
     unloader = threading.Thread(target=lambda: table.unload(name="a0"))
     unloader.start()
+    # The unload has taken a0 out of the table while its move is still paused half-way: the race happened.
+    wait_for(lambda: "a0" not in {i.name for i in table.list()})
+    assert len(backend.moving) == 1
     backend.gate.set()
     loader.join(10)
     unloader.join(10)
@@ -81,13 +89,17 @@ def test_unload_during_a_promotion_keeps_counts_true(paths: list[str]) -> None:
     table = AdapterTable(backend, max_device=1, max_host=4)
     table.load(paths[0])
     table.load(paths[1])  # a0 moves to host
+    assert {i.name: i.tier for i in table.list()} == {"a0": "host", "a1": "device"}
     backend.gate = threading.Event()
     holder = threading.Thread(target=lambda: table.acquire(LoraRequest(name="a0")).release())
     holder.start()
-    backend.inside.wait(10)
+    assert backend.inside.wait(10), "the request never promoted a0"
     table.unload(name="a0")  # held: removed now, detached when the holder releases
+    # Removed while its promotion is paused half-way: the race happened.
+    assert "a0" not in {i.name for i in table.list()} and backend.moving
     backend.gate.set()
     holder.join(10)
+    assert not holder.is_alive()
     assert table.tier_counts() == actual_counts(table) == {"device": 1, "host": 0, "disk": 0}
     assert "a1" in {i.name for i in table.list()} and table.list()[0].tier == "device"
     assert len(backend.slots) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,9 @@ import pytest
 
 from omni_grpc.bench.fixtures import write_adapter as write_bench_adapter
 from omni_grpc.config import EngineConfig
-from omni_grpc.engine.default_model import TinySD3Spec
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import AdapterInfo, GenerateRequest, LoraRequest, SamplingParams
+from omni_grpc.tiny_models.sd3 import TinySD3Spec
 
 
 def write_adapter(folder: Path, seed: int, rank: int = 2) -> Path:
@@ -107,22 +108,37 @@ def test_pinned_and_held_adapters_never_move_down(engine: Engine, tmp_path: Path
     assert table(engine)["pinned"].tier == "device"
 
 
-def test_thousand_adapters_ten_thousand_requests_memory_bounded(engine: Engine, tmp_path: Path) -> None:
-    paths = [write_adapter(tmp_path / f"m{i:04d}", i) for i in range(1000)]
+def test_thousand_adapters_ten_thousand_requests_memory_bounded(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # pytest keeps every captured log record of a test in memory: tens of thousands of tier moves would show.
+    caplog.set_level(logging.WARNING, logger="omni_grpc")
+    # 64 KiB each (rank 32 on the 8 attention projections): kept by mistake, the thousand would add 62.5 MiB.
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    paths = [
+        write_bench_adapter(tmp_path / f"m{i:04d}", TinySD3Spec(), rank=32, seed=i, targets=targets)
+        for i in range(1000)
+    ]
     for path in paths:
         engine.load_adapter(str(path))
+    one = table(engine)["m0000"].size_bytes
+    assert one == 64 * 1024
+    rng = random.Random(0)
+    # Warm-up: the allocator settles (this process has run other tests) before the first reading.
+    for _ in range(1000):
+        use(engine, rng.choice(paths))
     process = psutil.Process()
     start_rss = process.memory_info().rss
-    rng = random.Random(0)
     for _ in range(10_000):
         use(engine, rng.choice(paths), scale=rng.uniform(0.2, 1.5))
     counts = engine.tier_counts()
     assert counts == {"device": 2, "host": 3, "disk": 995}
-    one = table(engine)["m0000"].size_bytes
     assert engine.lora.resident_bytes() == 5 * one
     assert len(engine.lora._slots) == 5
-    growth_mib = (process.memory_info().rss - start_rss) / 2**20
-    print(f"\n1000 adapters, 10000 requests: RSS growth {growth_mib:.1f} MiB, resident adapters {counts}")
-    assert growth_mib < 64, f"resident memory grew by {growth_mib:.1f} MiB"
+    growth = process.memory_info().rss - start_rss
+    print(f"\n1000 adapters, 10000 requests: RSS growth {growth / 2**20:.1f} MiB, resident adapters {counts}")
+    # A quarter of what keeping all thousand would cost (every re-read from disk kept would be far more).
+    limit = len(paths) * one / 4
+    assert growth < limit, f"resident memory grew by {growth / 2**20:.1f} MiB (limit {limit / 2**20:.1f} MiB)"
     total = sum(i.use_count for i in engine.list_adapters())
-    assert total == 10_000
+    assert total == 11_000

@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from omni_grpc.bench.fixtures import write_adapter
-from omni_grpc.engine.default_model import TinySD3Spec
+from omni_grpc.tiny_models.sd3 import TinySD3Spec
 from omni_grpc.v1 import omni_pb2 as pb
-from tests.server_process import ServerProcess, start_server
+from tests.helpers import Server, start_server
 
 SPEC = TinySD3Spec()
 TIMEOUT = 60.0
@@ -54,9 +54,9 @@ def status_of(method: Callable[..., object], request: object) -> StatusCode:
 
 @dataclass
 class Servers:
-    bad: ServerProcess  # default table size; its --lora-dirs holds one good adapter and the bad ones
+    bad: Server  # default table size; its --lora-dirs holds one good adapter and the bad ones
     bad_dir: Path
-    small: ServerProcess  # --max-loaded-adapters 3 with "pre" pinned: two slots for the rest
+    small: Server  # --max-loaded-adapters 3 with "pre" pinned: two slots for the rest
     small_dir: Path
 
 
@@ -71,17 +71,13 @@ def servers(cache_root: Path, model_dir: Path, tmp_path_factory: pytest.TempPath
     for i in range(10):
         write_adapter(small_dir / f"a{i:02d}", SPEC, rank=4, seed=200 + i)
     logs = tmp_path_factory.mktemp("load-logs")
-    # Both start at once: model loading overlaps instead of adding up.
     common = ["--cache-dir", str(cache_root)]
-    bad = start_server([*common, "--lora-dirs", str(bad_dir)], log_path=logs / "bad.log", wait=False)
+    bad = start_server([*common, "--lora-dirs", str(bad_dir)], log_path=logs / "bad.log")
     small = start_server(
         [*common, "--lora-dirs", str(small_dir), "--lora-path", f"pre={pre}", "--max-loaded-adapters", "3"],
         log_path=logs / "small.log",
-        wait=False,
     )
     try:
-        bad.wait_serving()
-        small.wait_serving()
         yield Servers(bad, bad_dir, small, small_dir)
     finally:
         codes = (bad.stop(), small.stop())

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from omni_grpc.engine.default_model import SMALL_SD3, TinySD3Spec, build_tiny_sd3, default_model_dir
+from omni_grpc.tiny_models.default import default_model_dir
+from omni_grpc.tiny_models.sd3 import SMALL_SD3, TinySD3Spec, build_tiny_sd3
 
 SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 

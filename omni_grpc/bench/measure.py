@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -16,10 +18,10 @@ from safetensors.torch import load as load_safetensors
 
 from omni_grpc.bench.baseline import DiffusersBaseline
 from omni_grpc.bench.fixtures import BenchModel, adapter_set
-from omni_grpc.bench.server import running_server
 from omni_grpc.config import EngineConfig, ServerConfig
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
+from omni_grpc.loopback import running_server
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
 
@@ -57,17 +59,16 @@ def mixed_workload(
     clients: int,
     size: int,
     steps: int,
-    port: int,
 ) -> Row:
     """N requests over M adapters, varied scales, C clients through the real gRPC server, against plain
     diffusers serving the same requests one at a time."""
     paths = adapter_set(root, model, adapters)
-    plan = [(paths[i % adapters] if i % 5 else None, 0.5 + 0.25 * (i % 4), i) for i in range(requests)]
+    trace = [(paths[i % adapters] if i % 5 else None, 0.5 + 0.25 * (i % 4), i) for i in range(requests)]
 
     baseline = DiffusersBaseline(model.path, paths)
     baseline.generate(adapter=paths[0], scale=1.0, size=size, steps=steps, seed=0)  # warm-up
     started = time.perf_counter()
-    for adapter, scale, seed in plan:
+    for adapter, scale, seed in trace:
         baseline.generate(adapter=adapter, scale=scale, size=size, steps=steps, seed=seed)
     base_rps = requests / (time.perf_counter() - started)
     del baseline
@@ -80,11 +81,11 @@ def mixed_workload(
             max_device_adapters=adapters + 1,
             lora_dirs=[str(root)],
         ),
-        port=port,
+        port=0,
         grace_period=5,
     )
-    with running_server(config) as target:
-        channel = grpc.insecure_channel(target)
+    with running_server(config) as server:
+        channel = grpc.insecure_channel(server.target)
         stub = omni_pb2_grpc.OmniServiceStub(channel)
         for path in paths:  # the baseline had its adapters loaded up front too
             stub.LoadAdapter(pb.LoadAdapterRequest(path=str(path)))
@@ -99,10 +100,10 @@ def mixed_workload(
                 request.lora_request.CopyFrom(pb.LoraRequest(path=str(adapter), scale=scale))
             stub.Generate(request, timeout=600)
 
-        call(plan[0])  # warm-up
+        call(trace[0])  # warm-up
         with ThreadPoolExecutor(clients) as pool:
             started = time.perf_counter()
-            list(pool.map(call, plan))
+            list(pool.map(call, trace))
             ours_rps = requests / (time.perf_counter() - started)
         channel.close()
     ratio = ours_rps / base_rps
@@ -118,8 +119,14 @@ def mixed_workload(
     )
 
 
-def _engine(model: BenchModel, **config: object) -> Engine:
-    return Engine(EngineConfig(model=str(model.path), allow_any_lora_path=True, **config)).start()  # type: ignore[arg-type]
+def _engine(model: BenchModel, *, max_batch_size: int = 8, max_device_adapters: int = 64) -> Engine:
+    config = EngineConfig(
+        model=str(model.path),
+        allow_any_lora_path=True,
+        max_batch_size=max_batch_size,
+        max_device_adapters=max_device_adapters,
+    )
+    return Engine(config).start()
 
 
 def _request(size: int, steps: int, lora: LoraRequest | None, seed: int = 0) -> GenerateRequest:
@@ -160,7 +167,7 @@ def _step_times(engine: Engine, size: int, key: str, repeat: int) -> tuple[float
     """Seconds per denoising step (one guided denoiser forward, batch 2) without and with adapter `key`,
     interleaved so drift on a shared machine hits both alike."""
     denoiser = engine.pipeline.denoiser
-    cfg = denoiser.config
+    cfg: Any = denoiser.config  # a diffusers FrozenDict of the model's settings
     latent = size // engine.pipeline.pipe.vae_scale_factor
     gen = torch.Generator().manual_seed(0)
     inputs = {
@@ -176,7 +183,7 @@ def _step_times(engine: Engine, size: int, key: str, repeat: int) -> tuple[float
             denoiser(**inputs)
 
     def adapted() -> None:
-        with engine.lora.plan([(key, 1.0)]):
+        with engine.lora.applied([(key, 1.0)]):
             forward()
 
     forward()
@@ -219,7 +226,7 @@ def switching_and_step(model: BenchModel, root: Path, *, size: int, iterations: 
             def switch(names: list[str] = names) -> None:
                 for i in range(iterations):
                     lease = table.acquire(LoraRequest(name=names[i % len(names)], scale=0.5 + (i % 3) * 0.25))
-                    with lora.plan([(lease.entry.internal_name, lease.scale)]):
+                    with lora.applied([(lease.entry.internal_name, lease.scale)]):
                         pass
                     lease.release()
 
@@ -241,6 +248,10 @@ def switching_and_step(model: BenchModel, root: Path, *, size: int, iterations: 
     return rows
 
 
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors(file.read_bytes())
+
+
 def cold_load_and_memory(model: BenchModel, root: Path, *, count: int, rank: int) -> list[Row]:
     """A cold load from disk against a plain read of the same file; resident memory per adapter."""
     paths = adapter_set(root, model, count, rank=rank)
@@ -251,7 +262,7 @@ def cold_load_and_memory(model: BenchModel, root: Path, *, count: int, rank: int
         ours, plain = [], []
         for path in paths[1:]:
             file = path / "adapter_model.safetensors"
-            plain.append(_median_time(lambda file=file: load_safetensors(file.read_bytes()), 1))
+            plain.append(_median_time(functools.partial(_read_tensors, file), 1))
             started = time.perf_counter()
             engine.load_adapter(str(path))
             ours.append(time.perf_counter() - started)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -59,7 +60,7 @@ def chart(rows: list[Row], path: Path) -> None:
     image.save(path)
 
 
-def write(rows: list[Row], meta: dict[str, object], out_dir: Path) -> dict[str, Path]:
+def write(rows: list[Row], meta: Mapping[str, object], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md", "chart": out_dir / "bench.png"}
     paths["json"].write_text(json.dumps({"meta": meta, "results": [r.as_dict() for r in rows]}, indent=2) + "\n")

@@ -6,8 +6,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,12 +27,6 @@ PROFILES = {
         "load": {"count": 41},
     },
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
         root = Path(tmp)
         for name in ("tiny", "small"):
-            rows.append(measure.mixed_workload(models[name], root, port=_free_port(), **profile[name]))
+            rows.append(measure.mixed_workload(models[name], root, **profile[name]))
             print(report.markdown(rows[-1:]).splitlines()[-1], flush=True)
         small = models["small"]
         rows.append(measure.batch_across_adapters(small, root, **profile["batch"]))
@@ -79,13 +71,3 @@ def run(args: argparse.Namespace) -> int:
     print(report.markdown(rows))
     print(f"{meta['profile']} run in {meta['seconds']} s; wrote {', '.join(str(p) for p in paths.values())}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="omni-grpc bench")
-    add_flags(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

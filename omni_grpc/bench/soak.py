@@ -18,8 +18,6 @@ import json
 import math
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from omni_grpc.loopback import free_port, spawn_omni, stop_process, wait_serving
 
 BAD_EVERY = 20
 # The bad requests, in turn: what is sent, and the one status it must get.
@@ -96,12 +96,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Soak:
@@ -222,7 +216,7 @@ class Soak:
         from omni_grpc.v1 import omni_pb2 as pb
 
         kind, want = BAD_KINDS[turn % len(BAD_KINDS)]
-        auth = (("authorization", f"Bearer {self.token}"),)
+        auth: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {self.token}"),)
         if kind == "missing_path":
             request = pb.LoadAdapterRequest(path=str(self.lora_dir / f"missing-{turn}"), name=f"missing-{turn}")
         elif kind == "outside_lora_dirs":
@@ -246,57 +240,23 @@ class Soak:
         self.stats.fail(f"bad request {kind}", "OK", f"expected {want}, the load succeeded")
 
 
-def _spawn_server(args: argparse.Namespace, lora_dir: Path, token: str, log_path: Path) -> tuple[Any, str]:
-    import omni_grpc
-
-    port = _free_port()
-    command = [sys.executable, "-m", "omni_grpc", "serve", "--host", "127.0.0.1", f"--port={port}"]
-    command += [f"--lora-dirs={lora_dir}"]
+def _spawn_server(
+    args: argparse.Namespace, lora_dir: Path, token: str, log_path: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    command = ["serve", "--host", "127.0.0.1", f"--port={port}", f"--lora-dirs={lora_dir}"]
     if args.cache_dir is not None:
         command.append(f"--cache-dir={args.cache_dir}")
     # The token goes by environment, not argv, where any local user could read it from `ps`.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMNI_GRPC_ADMIN_TOKEN": token}
-    # The server runs from this same checkout, installed or not.
-    root = str(Path(omni_grpc.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    with log_path.open("w") as log_file:
-        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    proc = spawn_omni(command, log_path=log_path, env={"OMNI_GRPC_ADMIN_TOKEN": token})
     return proc, f"127.0.0.1:{port}"
 
 
-def _wait_serving(proc: subprocess.Popen[bytes], target: str, timeout: float = 300) -> None:
+def _wait_serving(proc: subprocess.Popen[bytes], target: str) -> None:
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    end = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
-            try:
-                if (
-                    health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > end:
-                raise RuntimeError(f"the server was not SERVING after {timeout:.0f} s")
-            time.sleep(0.1)
-
-
-def _stop_server(proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
-    """SIGTERM, then SIGKILL after `timeout` seconds; the exit code (negative: killed by a signal)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
+        wait_serving(channel, alive=lambda: proc.poll() is None)
 
 
 def figures(soak: Soak, rss_end: float, server_exit: int, wall_s: float) -> dict[str, Any]:
@@ -376,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # Heavy imports here (building the CLI parser must not import torch), while the server starts.
             from omni_grpc.bench.fixtures import write_adapter
-            from omni_grpc.engine.default_model import TinySD3Spec
+            from omni_grpc.tiny_models.sd3 import TinySD3Spec
 
             spec = TinySD3Spec()
             adapters = [
@@ -384,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
             ]
             _wait_serving(proc, target)
         except BaseException as exc:
-            _stop_server(proc)
+            stop_process(proc)
             print(f"omni-grpc soak: {exc}\n--- server log (tail) ---\n{_tail(log_path)}", file=sys.stderr)
             if not isinstance(exc, RuntimeError):
                 raise
@@ -398,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
                 soak.stats.fail("memory reading at the end", "SERVER_GONE", str(exc))
                 rss_end = math.nan
         finally:
-            server_exit = _stop_server(proc)
+            server_exit = stop_process(proc)
         result = figures(soak, rss_end, server_exit, time.perf_counter() - started)
         print(report(result))
         if args.json is not None:
@@ -426,13 +386,3 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="omni-grpc soak")
-    add_flags(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

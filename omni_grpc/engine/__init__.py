@@ -1,0 +1,1 @@
+"""The engine: no gRPC, no protobuf. Its public face is `engine.Engine`."""

@@ -1,15 +1,15 @@
 """Apply many LoRA adapters to one denoiser, per sample, without changing its weights.
 
 Each Linear/Conv2d that some adapter targets gets one forward hook, installed the first time an adapter
-names it. Before each pipeline call the worker sets a `BatchPlan`: the adapter and scale of every
-sample in the batch. The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group of samples that
-share an adapter and a scale; samples without an adapter are left alone. With no plan the hooks return
+names it. Each pipeline call runs inside `MultiLora.applied(...)`, which sets a `BatchPlan`: the adapter
+and scale of every sample in the batch. The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group
+of samples that share an adapter and a scale; samples without an adapter are left alone. With no plan the hooks return
 the base output untouched, so base results stay bit-identical to a model that never saw an adapter.
 
 Adapter tensors live in `AdapterSlot`s, outside the module tree: moving one between memory tiers is a
 tensor copy, switching adapters is setting a plan, and neither depends on how many adapters are loaded.
 
-Threads: `plan` and `install_hooks` run on the engine's worker (hooks change modules the worker runs).
+Threads: `applied` and `install_hooks` run on the engine's worker (hooks change modules the worker runs).
 Registering, replacing and dropping a slot is one dict operation, safe from any thread: a running batch
 holds the slots it uses, and the adapter table never drops or moves an adapter a request holds.
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_grpc.engine.lora_io import AdapterWeights
+from omni_grpc.engine.adapter_files import AdapterWeights
 from omni_grpc.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,8 @@ class MultiLora:
         self._slots[key] = current.to(device, pin=device.type == "cpu" and self._device.type == "cuda")
 
     @contextmanager
-    def plan(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
-        """Run the body with these per-sample adapters (by key); the plan never outlives the call."""
+    def applied(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
+        """Run the body with these per-sample adapters (by key), as one BatchPlan that never outlives it."""
         slots = {key: self._slots[key] for key, _ in samples if key is not None}
         for key, slot in slots.items():
             if slot.device != self._device:

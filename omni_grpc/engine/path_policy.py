@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from omni_grpc.errors import InvalidArgument, PermissionDenied
 
-# The files an adapter folder may hold that the server reads (see lora_io).
+# The files an adapter folder may hold that the server reads (see adapter_files).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 
@@ -30,10 +30,6 @@ class PathPolicy:
         self._roots = [os.path.realpath(os.path.expanduser(root)) for root in roots]
         self._allow_any = allow_any
         self._operator_paths: set[str] = set()
-
-    @property
-    def roots(self) -> list[str]:
-        return list(self._roots)
 
     def allow(self, real_path: str) -> None:
         """An operator's adapter (--lora-path): clients may name it by path too."""

@@ -86,11 +86,11 @@ def load_pipeline(
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
     if model is None:
-        from omni_grpc.engine.default_model import default_model_dir
+        from omni_grpc.tiny_models.default import DEFAULT_MODEL_NAME, default_model_dir
 
         folder = default_model_dir(cache_dir)
         pipe = _from_folder(folder, torch_dtype)
-        model_name = "omni-grpc/tiny-sd3"
+        model_name = DEFAULT_MODEL_NAME
     elif Path(model).expanduser().is_dir():
         folder = Path(model).expanduser()
         if not (folder / "model_index.json").is_file():

@@ -37,7 +37,7 @@ class LoraRequest:
     scale: float = 1.0
 
     @classmethod
-    def coerce(cls, value: LoraRequest | dict | None) -> LoraRequest | None:
+    def coerce(cls, value: LoraRequest | dict[str, Any] | None) -> LoraRequest | None:
         """Accept the seed's dict form (`{"path": ..., "scale": ...}`) as well as the dataclass."""
         if value is None or isinstance(value, LoraRequest):
             return value
@@ -66,7 +66,7 @@ class SamplingParams:
     guidance_scale: float | None = None
     seed: int | None = None
     num_images: int = 1
-    lora_request: LoraRequest | dict | None = None
+    lora_request: LoraRequest | dict[str, Any] | None = None
 
 
 @dataclass

@@ -1,0 +1,28 @@
+"""One generation for the chat and images routes: resolve `model`, call Generate, note what ran.
+
+The reply names the base model that served it (GenerateResponse.model).
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from omni_grpc.v1 import omni_pb2 as pb
+from omni_grpc_gateway.calls import rpc
+from omni_grpc_gateway.grpc_client import OmniClient
+from omni_grpc_gateway.translate import Generation, select_adapter_by_model
+
+
+async def generate(
+    client: OmniClient, request: Request, model: str | None, generation: Generation
+) -> pb.GenerateResponse:
+    if model and not generation.has_adapter:
+        # An adapter listed by /v1/models may be named as the model; any other name runs the base model
+        # (one server serves one base model, and the guide's curl names its model, whatever is served).
+        listing = await rpc(client.list_adapters(), request=request)
+        if any(adapter.name == model for adapter in listing.adapters):
+            select_adapter_by_model(generation, model)
+    response = await rpc(client.generate(generation.request), request=request, params=generation.params)
+    request.state.adapter = response.adapter.name if response.HasField("adapter") else "-"
+    request.state.images = len(response.images)
+    return response

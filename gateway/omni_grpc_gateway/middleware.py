@@ -1,0 +1,95 @@
+"""ASGI middleware: a cap on request bodies, JSON bodies only, and one log line per request for operators."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from omni_grpc_gateway.errors import ApiError, error_response
+
+log = logging.getLogger("omni_grpc_gateway.access")
+
+
+class BodyLimit:
+    """Refuse bodies over `limit` bytes with 413, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await error_response(413, self._message())(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ApiError(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"the request body exceeds the gateway's limit of {self.limit} bytes"
+
+
+class RequireJson:
+    """A body that is not labelled JSON is refused with 415 naming the header (curl -d sends a form)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            content_type = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if content_type != b"application/json" and not content_type.endswith(b"+json"):
+                message = "send the body as JSON with the header Content-Type: application/json"
+                await error_response(415, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AccessLog:
+    """`POST /v1/chat/completions status=200 adapter=style images=1 ms=812.4` for every request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            state = Request(scope).state
+            log.info(
+                "%s %s status=%d adapter=%s images=%s ms=%.1f",
+                scope["method"],
+                scope["path"],
+                status,
+                getattr(state, "adapter", "-"),
+                getattr(state, "images", "-"),
+                (time.perf_counter() - start) * 1000,
+            )

@@ -1,0 +1,222 @@
+"""What runs on the worker thread for a batch of requests: one pipeline call with each sample's adapter
+and guidance, each request's future settled, and the recovery when a batch fails (out of memory, say):
+its requests run one by one, so only the one that fails alone fails."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from omni_grpc.engine.lora_layers import MultiLora
+from omni_grpc.engine.pipeline import LoadedPipeline, run_pipeline
+from omni_grpc.engine.types import Timings
+from omni_grpc.engine.validation import ValidRequest
+from omni_grpc.engine.worker import BatchItem
+from omni_grpc.errors import Cancelled, DeadlineExceeded, OmniError, ResourceExhausted
+
+log = logging.getLogger("omni_grpc.requests")
+
+# Raises to stop a request between denoising steps (its argument is the step just done; -1: before any).
+StopCheck = Callable[[int], None]
+# gRPC cancels a call whose deadline passed, and its timer may fire a moment before the deadline we hold.
+_DEADLINE_SLACK_S = 0.25
+
+
+@dataclass
+class Work:
+    """A request as the worker sees it."""
+
+    request: ValidRequest
+    adapter_key: str | None
+    scale: float
+    check: StopCheck
+    submitted: float
+    timings: Timings
+    # Denoising steps this request has been through (its log says how far a stopped one got).
+    steps_done: int = 0
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, bool, bool]:
+        # Requests of one shape share a denoising batch; guidance scales may differ, on/off may not.
+        # A negative prompt or none also may not: SDXL encodes "no negative prompt" as zeros, which
+        # it can only do for a whole batch.
+        r = self.request
+        return (r.height, r.width, r.steps, r.guidance_scale > 1, bool(r.negative_prompt))
+
+
+@dataclass
+class Done:
+    """A request's share of its batch's output."""
+
+    images: list[Any]
+    arrays: list[Any]
+    batch_images: int
+
+
+class _AllStopped(Exception):
+    """Every request of a batch was cancelled or ran out of time."""
+
+
+def stop_check(cancelled: Callable[[], bool] | None, deadline: float | None) -> StopCheck:
+    """A per-step check that stops the denoising once the client has gone or its deadline passed."""
+
+    def check(step: int) -> None:
+        # The deadline first: gRPC also cancels a call whose deadline passed, and the log should say why.
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            raise DeadlineExceeded(f"deadline exceeded after {step + 1} denoising steps")
+        if cancelled is not None and cancelled():
+            if deadline is not None and now > deadline - _DEADLINE_SLACK_S:
+                raise DeadlineExceeded(f"deadline exceeded after {step + 1} denoising steps")
+            raise Cancelled(f"request cancelled by the client after {step + 1} denoising steps")
+
+    return check
+
+
+class BatchRunner:
+    """Runs batches on the worker thread; the worker calls it with the requests it put together."""
+
+    def __init__(self, pipeline: LoadedPipeline, lora: MultiLora) -> None:
+        self._pipeline = pipeline
+        self._lora = lora
+
+    def __call__(self, items: list[BatchItem[Work]]) -> None:
+        started = time.perf_counter()
+        live: list[BatchItem[Work]] = []
+        for item in items:
+            item.payload.timings.queue_ms = (started - item.payload.submitted) * 1000
+            if not _settle_if_stopped(item, -1):
+                live.append(item)
+        if not live:
+            return
+        try:
+            self._run_together(live, started)
+            return
+        except _AllStopped:
+            return
+        except Exception as exc:
+            log.warning("a batch of %d requests failed (%s: %s)", len(live), type(exc).__name__, exc, exc_info=True)
+            failure = _detached(exc)
+        # Out of the except clause, so the failed call's frames and their tensors can be freed first.
+        _free_cached_memory()
+        if len(live) == 1:
+            raise failure
+        # One request's failure (memory for the whole batch, a bad input) must not fail its batch mates:
+        # run each alone; only the ones that fail alone fail.
+        log.warning("running the %d requests of the failed batch one by one", len(live))
+        for item in live:
+            if item.future.done():
+                continue
+            error: Exception | None = None
+            try:
+                self._run_together([item], time.perf_counter())
+            except _AllStopped:
+                continue
+            except Exception as alone:  # noqa: BLE001 - whatever fails alone fails that request only
+                error = _detached(alone)
+            if error is not None:
+                _free_cached_memory()
+                item.future.set_exception(error)
+
+    def _run_together(self, live: list[BatchItem[Work]], started: float) -> None:
+        """One pipeline call for `live`; fills each request's future."""
+        samples: list[tuple[str | None, float]] = []
+        prompts: list[str] = []
+        negatives: list[str] = []
+        seeds: list[int] = []
+        guidance: list[float] = []
+        for item in live:
+            work = item.payload
+            n = len(work.request.seeds)
+            samples += [(work.adapter_key, work.scale)] * n
+            prompts += [work.request.prompt] * n
+            negatives += [work.request.negative_prompt] * n
+            seeds += work.request.seeds
+            guidance += [work.request.guidance_scale] * n
+        used_guidance = guidance[0]
+        first = live[0].payload.request
+
+        def on_step(step: int) -> None:
+            for item in live:
+                if not item.future.done():
+                    item.payload.steps_done = step + 1
+            # A stopped request is answered at once; the others go on. Stop when none is left.
+            stopped = [_settle_if_stopped(item, step) for item in live]  # every one, no short-circuit
+            if all(stopped):
+                raise _AllStopped
+
+        pipeline = self._pipeline
+        with self._lora.applied(samples):
+            activation_ms = (time.perf_counter() - started) * 1000
+            if used_guidance > 1:
+                pipeline.guidance.set(guidance, used_guidance)
+            denoise_start = time.perf_counter()
+            try:
+                output = run_pipeline(
+                    pipeline,
+                    prompts=prompts,
+                    negative_prompts=negatives,
+                    height=first.height,
+                    width=first.width,
+                    steps=first.steps,
+                    guidance_scale=used_guidance,
+                    seeds=seeds,
+                    on_step=on_step,
+                )
+            finally:
+                pipeline.guidance.clear()
+            inference_ms = (time.perf_counter() - denoise_start) * 1000
+        offset = 0
+        for item in live:
+            work = item.payload
+            n = len(work.request.seeds)
+            work.timings.adapter_ms += activation_ms
+            work.timings.inference_ms = inference_ms
+            if not item.future.done():
+                item.future.set_result(
+                    Done(output.images[offset : offset + n], output.arrays[offset : offset + n], len(seeds))
+                )
+            offset += n
+
+
+def _settle_if_stopped(item: BatchItem[Work], step: int) -> bool:
+    """Fail the item's future if its request should stop; True if it did (or was already done)."""
+    if item.future.done():
+        return True
+    try:
+        item.payload.check(step)
+    except OmniError as exc:
+        item.future.set_exception(exc)
+        return True
+    return False
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _detached(exc: Exception) -> Exception:
+    """The error to hand to the request, holding no frames (they pin the failed batch's tensors).
+
+    Out of memory is the client's to fix (fewer images, a smaller size): RESOURCE_EXHAUSTED, not INTERNAL.
+    """
+    if _is_out_of_memory(exc):
+        return ResourceExhausted("out of memory for this request; retry with fewer images or a smaller size")
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
+    return exc
+
+
+def _free_cached_memory() -> None:
+    gc.collect()  # frames and tensors caught in reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,295 @@
+"""A hardened reader of safetensors files and small JSON files. Never pickle.
+
+Everything a file declares (header size, tensor count, dtypes, shapes, offsets) is checked before any
+tensor data is read, and every failure is an InvalidArgument (or PermissionDenied) naming the file: bad
+input never surfaces as another exception. The header and the data come from one open descriptor, so
+what is loaded is what was checked, even if the path is replaced meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+
+from omni_grpc.errors import InvalidArgument, PermissionDenied
+from omni_grpc.quoting import shown
+
+# safetensors dtype names of the tensors an adapter may hold, with their sizes in bytes.
+DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
+MAX_HEADER_BYTES = 16 << 20
+MAX_FILE_BYTES = 4 << 30
+MAX_TENSORS = 65536
+
+# Asked about the real path of every file opened; False refuses it (PermissionDenied).
+MayOpen = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as the header declares it (offsets are relative to the data region)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A checked header: every tensor's dtype, shape and offsets are valid for the file's size."""
+
+    file: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+class SafetensorsFile:
+    """An open safetensors file whose header has been checked; `read()` then loads its tensors.
+
+    Header and data come from one descriptor: what is loaded is what was checked, even if the path is
+    replaced or deleted meanwhile, and no mmap is left pointing at a file that may change later.
+    """
+
+    def __init__(self, file: Path, may_open: MayOpen | None = None) -> None:
+        self.file = file
+        self._handle = open_regular(file, may_open)
+        try:
+            self._size = os.fstat(self._handle.fileno()).st_size
+            self._prefix, self.header = self._read_header()
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._handle.close()
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """Every tensor, checked finite. Reads the data only now, after the caller judged the header."""
+        file = self.file
+        try:
+            self._handle.seek(0)
+            data = self._handle.read(self._size)  # bounded by the size checked at open, even if the file grew
+        except OSError as exc:
+            raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
+        if len(data) != self._size:
+            raise InvalidArgument(
+                f"{file} is truncated: it was {self._size} bytes when opened, but only {len(data)} were read"
+            )
+        if data[: len(self._prefix)] != self._prefix:
+            raise InvalidArgument(f"{file} changed while it was being read")
+        try:
+            tensors = load_safetensors(data)
+        except Exception as exc:  # whatever the parser says of these bytes, the file is bad
+            raise InvalidArgument(f"{file} is not a readable safetensors file: {shown(str(exc))}") from exc
+        if not _all_finite(data, self.header, tensors):
+            bad = next((key for key, t in tensors.items() if not torch.isfinite(t).all()), None)
+            if bad is None:  # finite, but so large that its norm overflows: garbage all the same
+                raise InvalidArgument(f"{file}: a tensor holds values too large to be LoRA weights")
+            raise InvalidArgument(f"{file}: tensor {shown(bad)} contains NaN or Inf")
+        return tensors
+
+    def _read_header(self) -> tuple[bytes, SafetensorsHeader]:
+        file, size, handle = self.file, self._size, self._handle
+        if size > MAX_FILE_BYTES:
+            raise InvalidArgument(f"{file} is {size} bytes; adapters larger than {MAX_FILE_BYTES} are refused")
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise InvalidArgument(f"{file} is not a safetensors file (shorter than its 8-byte header length)")
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            raise InvalidArgument(f"{file}: safetensors header of {length} bytes exceeds {MAX_HEADER_BYTES}")
+        if 8 + length > size:
+            raise InvalidArgument(
+                f"{file} is truncated: its header length says {length} bytes, so the file should be at least "
+                f"{8 + length} bytes, but it is {size}"
+            )
+        raw = handle.read(length)
+        if len(raw) != length:
+            raise InvalidArgument(f"{file} is truncated: expected {length} header bytes, read {len(raw)}")
+        header = _check_header(file, parse_json(raw, f"{file}: the safetensors header"), size, 8 + length)
+        return prefix + raw, header
+
+
+def open_safetensors(file: Path, may_open: MayOpen | None = None) -> SafetensorsFile:
+    """Open `file` and check its header; an OS error is an InvalidArgument naming the file."""
+    try:
+        return SafetensorsFile(file, may_open)
+    except OSError as exc:  # a permission denied, an I/O error, a path that changed type meanwhile, ...
+        raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
+
+
+def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> Any:
+    """A small JSON file, strictly parsed (see `parse_json`), refused beyond `max_bytes`."""
+    try:
+        with open_regular(file, may_open) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise InvalidArgument(f"{file} is {size} bytes; the limit is {max_bytes}")
+            raw = handle.read(max_bytes + 1)  # bounded even if the file grows meanwhile
+    except OSError as exc:
+        raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
+    if len(raw) > max_bytes:
+        raise InvalidArgument(f"{file} is more than {max_bytes} bytes, the limit")
+    return parse_json(raw, str(file))
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: plain json.loads keeps the last of two equal keys, silently."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """Strict JSON: UTF-8, no repeated keys; `what` names the file (and part) in the errors."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{what} is not UTF-8: {exc}") from exc
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise InvalidArgument(f"{what} has the key {shown(exc.key)} more than once") from exc
+    except (ValueError, RecursionError) as exc:  # ValueError: bad syntax, or an integer too long to convert
+        raise InvalidArgument(f"{what} is not valid JSON: {shown(str(exc))}") from exc
+
+
+def open_regular(file: Path, may_open: MayOpen | None) -> BinaryIO:
+    """Open a regular file for reading; a FIFO or device (which could block or never end) is refused."""
+    # O_NONBLOCK so that opening a FIFO does not wait for a writer; it does not affect regular files.
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if may_open is not None and not may_open(_opened_path(fd, file)):
+            # Checked on what was opened, not on the name: a symlink swapped in after the path check (or
+            # before a re-read from the disk tier) is caught here.
+            raise PermissionDenied(
+                f"{file} resolves outside the adapter folders this server allows (--lora-dirs)", field="path"
+            )
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidArgument(f"{file} is not a regular file (a directory or a device?)", field="path")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _opened_path(fd: int, file: Path) -> str:
+    """The real path of an open file: from /proc where there is one (immune to later renames)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(file)
+
+
+def _check_header(file: Path, header: Any, size: int, data_start: int) -> SafetensorsHeader:
+    """Check a parsed safetensors header against the file's size. Allocates no tensor."""
+    if not isinstance(header, dict):
+        raise InvalidArgument(f"{file} is not a safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidArgument(f"{file}: the safetensors __metadata__ must be an object of strings")
+    if not header:
+        raise InvalidArgument(f"{file} holds no tensors")
+    if len(header) > MAX_TENSORS:
+        raise InvalidArgument(f"{file} declares {len(header)} tensors; the limit is {MAX_TENSORS}")
+    tensors = {key: _tensor_info(file, key, info) for key, info in header.items()}
+    declared = sum(t.end - t.begin for t in tensors.values())
+    if declared > MAX_FILE_BYTES:
+        raise InvalidArgument(
+            f"{file} declares {declared} bytes of tensor data; adapters larger than {MAX_FILE_BYTES} are refused"
+        )
+    data_len = size - data_start
+    key, last = max(tensors.items(), key=lambda item: item[1].end)
+    if last.end > data_len:
+        raise InvalidArgument(
+            f"{file} is truncated or its offsets are out of range: tensor {shown(key)} has data_offsets "
+            f"[{last.begin}, {last.end}] but the data region holds {data_len} bytes; expected a file of at least "
+            f"{data_start + last.end} bytes, got {size}"
+        )
+    reach, reached_by = 0, ""  # the furthest end so far, and whose
+    spans = sorted((t.begin, t.end, key) for key, t in tensors.items() if t.begin < t.end)
+    for begin, end, key in spans:
+        if begin < reach:
+            raise InvalidArgument(
+                f"{file}: tensors {shown(reached_by)} and {shown(key)} overlap (data_offsets up to {reach} "
+                f"and from {begin})"
+            )
+        reach, reached_by = end, key
+    return SafetensorsHeader(file=file, tensors=tensors, metadata=metadata)
+
+
+def _tensor_info(file: Path, key: str, info: Any) -> TensorInfo:
+    name = shown(key)
+    if not isinstance(info, dict):
+        raise InvalidArgument(f"{file}: tensor {name} is described by {shown(info)}, not an object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise InvalidArgument(f"{file}: tensor {name} has dtype {shown(dtype)}; allowed: {', '.join(DTYPE_SIZES)}")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(_is_natural(d) for d in shape):
+        raise InvalidArgument(f"{file}: tensor {name} has shape {shown(shape)}; want a list of integers >= 0")
+    offsets = info.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_natural(o) for o in offsets):
+        raise InvalidArgument(
+            f"{file}: tensor {name} has data_offsets {shown(offsets)}; want [begin, end], two integers >= 0"
+        )
+    begin, end = offsets
+    if begin > end:
+        raise InvalidArgument(f"{file}: tensor {name} has data_offsets [{begin}, {end}], which end before they begin")
+    needed = _nbytes(shape, DTYPE_SIZES[dtype])
+    if needed != end - begin:
+        shown_needed = "more than the size limit" if needed is None else f"{needed} bytes"
+        raise InvalidArgument(
+            f"{file}: tensor {name} has data_offsets [{begin}, {end}] ({end - begin} bytes), but shape "
+            f"{shown(shape)} of {dtype} needs {shown_needed}"
+        )
+    return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _nbytes(shape: list[int], itemsize: int) -> int | None:
+    """prod(shape) * itemsize, or None once it exceeds MAX_FILE_BYTES (huge dims must not cost time)."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for dim in shape:
+        total *= dim
+        if total > MAX_FILE_BYTES:
+            return None
+    return total
+
+
+def _is_natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _all_finite(data: bytes, header: SafetensorsHeader, tensors: dict[str, torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or Inf, in one vectorised pass where the dtypes allow it."""
+    if all(info.dtype == "F32" for info in header.tensors.values()):
+        # The data region is one packed float32 array: check it in one go.
+        start = 8 + int.from_bytes(data[:8], "little")
+        return bool(np.isfinite(np.frombuffer(data, dtype=np.float32, offset=start)).all())
+    floats = [t.float() for t in tensors.values()]
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(floats))).all())  # noqa: SLF001 - one call

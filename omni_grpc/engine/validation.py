@@ -1,0 +1,96 @@
+"""A request's checks and defaults: what arrives becomes a `ValidRequest`, or an InvalidArgument naming the
+field and the limit."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+from omni_grpc.config import Limits
+from omni_grpc.engine.pipeline import LoadedPipeline
+from omni_grpc.engine.types import GenerateRequest, LoraRequest
+from omni_grpc.errors import InvalidArgument
+
+MAX_SEED = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request whose every field is checked, with the model's defaults filled in."""
+
+    prompt: str
+    negative_prompt: str
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    seeds: list[int]
+
+
+def validate_request(request: GenerateRequest, pipeline: LoadedPipeline, limits: Limits) -> ValidRequest:
+    s = request.sampling
+    if not request.prompt.strip():
+        raise InvalidArgument("prompt must not be empty", field="prompt")
+    for field_name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidArgument(
+                f"{field_name} has {len(text)} characters; the limit is {limits.max_prompt_chars}", field=field_name
+            )
+    height = pipeline.default_height if s.height is None else s.height
+    width = pipeline.default_width if s.width is None else s.width
+    multiple = pipeline.spatial_multiple
+    max_side = min(limits.max_side, pipeline.max_side or limits.max_side)
+    for field_name, value in (("height", height), ("width", width)):
+        if value < multiple or value > max_side or value % multiple:
+            raise InvalidArgument(
+                f"sampling_params.{field_name} must be a multiple of {multiple} between {multiple} and "
+                f"{max_side} for this model, got {value}",
+                field=f"sampling_params.{field_name}",
+            )
+    if height * width > limits.max_pixels:
+        raise InvalidArgument(
+            f"sampling_params.height x width = {height * width} pixels exceeds the limit of {limits.max_pixels}",
+            field="sampling_params.height",
+        )
+    steps = pipeline.default_steps if s.num_inference_steps is None else s.num_inference_steps
+    if not 1 <= steps <= limits.max_steps:
+        raise InvalidArgument(
+            f"sampling_params.num_inference_steps must be between 1 and {limits.max_steps}, got {steps}",
+            field="sampling_params.num_inference_steps",
+        )
+    guidance = pipeline.default_guidance if s.guidance_scale is None else float(s.guidance_scale)
+    if not math.isfinite(guidance) or not 0 <= guidance <= limits.max_guidance_scale:
+        raise InvalidArgument(
+            f"sampling_params.guidance_scale must be between 0 and {limits.max_guidance_scale}, got {guidance}",
+            field="sampling_params.guidance_scale",
+        )
+    if not 1 <= s.num_images <= limits.max_images:
+        raise InvalidArgument(
+            f"sampling_params.num_images must be between 1 and {limits.max_images}, got {s.num_images}",
+            field="sampling_params.num_images",
+        )
+    seed = secrets.randbits(63) if s.seed is None else s.seed
+    if not 0 <= seed <= MAX_SEED - (s.num_images - 1):
+        raise InvalidArgument(
+            f"sampling_params.seed must be between 0 and 2^64-1 - (num_images-1), got {seed}",
+            field="sampling_params.seed",
+        )
+    return ValidRequest(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        height=height,
+        width=width,
+        steps=steps,
+        guidance_scale=guidance,
+        seeds=[seed + i for i in range(s.num_images)],
+    )
+
+
+def check_lora_scale(lora: LoraRequest, limits: Limits) -> None:
+    bound = limits.max_lora_scale
+    if not math.isfinite(lora.scale) or abs(lora.scale) > bound:
+        raise InvalidArgument(
+            f"lora_request.scale must be a finite number between -{bound:g} and {bound:g}, got {lora.scale}",
+            field="lora_request.scale",
+        )

@@ -1,0 +1,18 @@
+"""Client-supplied values quoted in error messages: escaped and cut short.
+
+Header strings, names and paths can be megabytes long or hold control characters; a message that quotes
+one whole could exceed gRPC's metadata limit or forge lines in a log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Longest quoted value in a message.
+MAX_SHOWN = 200
+
+
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """repr of a value: quoted, escaped (no lone surrogates, no raw control characters), and cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"

@@ -1,0 +1,159 @@
+"""Conversions between protobuf messages and the engine's plain types. Nothing else."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from google.protobuf.message import Message
+
+from omni_grpc.engine.types import (
+    AdapterFormat,
+    AdapterInfo,
+    GenerateRequest,
+    GenerateResult,
+    LoraRequest,
+    OutputFormat,
+    SamplingParams,
+)
+from omni_grpc.errors import InvalidArgument
+from omni_grpc.v1 import omni_pb2 as pb
+
+if TYPE_CHECKING:
+    from omni_grpc.engine.pipeline import LoadedPipeline
+
+_OUTPUT_FORMATS = {
+    pb.OUTPUT_FORMAT_UNSPECIFIED: OutputFormat.PNG,
+    pb.OUTPUT_FORMAT_PNG: OutputFormat.PNG,
+    pb.OUTPUT_FORMAT_JPEG: OutputFormat.JPEG,
+    pb.OUTPUT_FORMAT_WEBP: OutputFormat.WEBP,
+}
+_TIERS = {"device": pb.ADAPTER_TIER_DEVICE, "host": pb.ADAPTER_TIER_HOST, "disk": pb.ADAPTER_TIER_DISK}
+_ADAPTER_FORMATS = {AdapterFormat.PEFT: pb.ADAPTER_FORMAT_PEFT, AdapterFormat.DIFFUSERS: pb.ADAPTER_FORMAT_DIFFUSERS}
+
+
+def _optional(message: Message, name: str) -> Any:
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def generate_request_from_pb(request: pb.GenerateRequest) -> GenerateRequest:
+    if request.output_format not in _OUTPUT_FORMATS:
+        raise InvalidArgument(
+            f"output_format {request.output_format} is not a known OutputFormat", field="output_format"
+        )
+    sp = request.sampling_params
+    sampling = SamplingParams(
+        height=_optional(sp, "height"),
+        width=_optional(sp, "width"),
+        num_inference_steps=_optional(sp, "num_inference_steps"),
+        guidance_scale=_optional(sp, "guidance_scale"),
+        seed=_optional(sp, "seed"),
+        num_images=sp.num_images if sp.HasField("num_images") else 1,
+    )
+    lora = None
+    if request.HasField("lora_request"):
+        lr = request.lora_request
+        lora = LoraRequest(
+            path=lr.path or None,
+            name=lr.name or None,
+            id=_optional(lr, "id"),
+            scale=lr.scale if lr.HasField("scale") else 1.0,
+        )
+    return GenerateRequest(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        sampling=sampling,
+        lora=lora,
+        output_format=_OUTPUT_FORMATS[request.output_format],
+    )
+
+
+def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
+    response = pb.GenerateResponse(
+        images=[
+            pb.Image(
+                data=img.data or b"", mime_type=img.mime_type or "", width=img.width, height=img.height, seed=img.seed
+            )
+            for img in result.images
+        ],
+        timings=pb.Timings(
+            queue_ms=result.timings.queue_ms,
+            adapter_ms=result.timings.adapter_ms,
+            inference_ms=result.timings.inference_ms,
+            encode_ms=result.timings.encode_ms,
+            total_ms=result.timings.total_ms,
+        ),
+        num_inference_steps=result.num_inference_steps,
+        guidance_scale=result.guidance_scale,
+        batch_size=result.batch_size,
+        model=result.model,
+    )
+    if result.adapter is not None:
+        a = result.adapter
+        response.adapter.CopyFrom(pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale))
+    return response
+
+
+def adapter_to_pb(info: AdapterInfo) -> pb.Adapter:
+    return pb.Adapter(
+        id=info.id,
+        name=info.name,
+        path=info.path,
+        rank=info.rank,
+        alpha=info.alpha,
+        target_modules=info.target_modules,
+        pinned=info.pinned,
+        size_bytes=info.size_bytes,
+        load_time_ms=info.load_time_ms,
+        use_count=info.use_count,
+        in_use=info.in_use,
+        loads=info.loads,
+        format=_ADAPTER_FORMATS[info.format],
+        num_layers=info.num_layers,
+        tier=_TIERS[info.tier],
+        hits=info.hits,
+        promotions=info.promotions,
+        evictions=info.evictions,
+    )
+
+
+class UnloadSelector(TypedDict, total=False):
+    """Engine.unload_adapter's keyword arguments: exactly one of them."""
+
+    adapter_id: int
+    name: str
+    path: str
+
+
+def unload_selector_from_pb(request: pb.UnloadAdapterRequest) -> UnloadSelector:
+    which = request.WhichOneof("adapter")
+    if which == "id":
+        return {"adapter_id": request.id}
+    if which == "name":
+        return {"name": request.name}
+    if which == "path":
+        return {"path": request.path}
+    raise InvalidArgument("UnloadAdapterRequest needs one of id, name or path", field="adapter")
+
+
+def server_info_to_pb(pipeline: LoadedPipeline, *, started_at: int) -> pb.GetServerInfoResponse:
+    return pb.GetServerInfoResponse(
+        model=pipeline.model_name,
+        family=pipeline.family,
+        default_height=pipeline.default_height,
+        default_width=pipeline.default_width,
+        default_num_inference_steps=pipeline.default_steps,
+        default_guidance_scale=pipeline.default_guidance,
+        spatial_multiple=pipeline.spatial_multiple,
+        started_at=started_at,
+        version=_version(),
+    )
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("omni-grpc")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
