@@ -23,6 +23,11 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="local diffusers pipeline folder or hub id (default: the embedded small SD3 model, random weights)",
     )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model's name for clients (default: the hub id, or the folder's name; never its path)",
+    )
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=engine.dtype, choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument(
@@ -69,6 +74,19 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default=engine.max_batch_size,
         help="most images in one denoising batch; concurrent requests of one shape share it (1: off)",
     )
+    g.add_argument(
+        "--max-running-batches",
+        type=int,
+        default=engine.max_running_batches,
+        help="batches in flight at once, taking turns step by step: a much shorter batch starts beside long ones "
+        "instead of waiting (1: one after another)",
+    )
+    g.add_argument(
+        "--max-loading-bytes",
+        type=int,
+        default=engine.max_loading_bytes,
+        help="memory that adapter loads in progress may hold at once; beyond, a load waits, then RESOURCE_EXHAUSTED",
+    )
     g.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
     g.add_argument(
         "--torch-threads",
@@ -84,6 +102,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-images", type=int, default=defaults.max_images, help="most images per request")
     lim.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
     lim.add_argument(
+        "--max-request-work",
+        type=int,
+        default=defaults.max_request_work,
+        help="most megapixel-steps (steps x images x height x width / 2^20) one request may ask for",
+    )
+    lim.add_argument(
         "--max-lora-rank", type=int, default=defaults.max_lora_rank, help="largest rank an adapter may declare"
     )
     lim.add_argument(
@@ -97,6 +121,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = False) -> EngineConfig:
     return EngineConfig(
         model=args.model,
+        served_model_name=args.served_model_name,
         device=args.device,
         dtype=args.dtype,
         lora_paths=list(args.lora_path),
@@ -106,7 +131,9 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
         max_loaded_adapters=args.max_loaded_adapters,
         max_device_adapters=args.max_device_adapters,
         max_host_adapters=args.max_host_adapters,
+        max_loading_bytes=args.max_loading_bytes,
         max_batch_size=args.max_batch_size,
+        max_running_batches=args.max_running_batches,
         cache_dir=args.cache_dir,
         torch_threads=args.torch_threads,
         progress_bar=progress_bar,
@@ -116,6 +143,7 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
             max_pixels=args.max_pixels,
             max_images=args.max_images,
             max_prompt_chars=args.max_prompt_chars,
+            max_request_work=args.max_request_work,
             max_lora_rank=args.max_lora_rank,
         ),
     )

@@ -14,6 +14,9 @@ class Limits:
     max_side: int = 4096
     max_pixels: int = 2048 * 2048
     max_images: int = 8
+    # steps x images x height x width / 2^20 ("megapixel-steps"): the work one request may ask for. The default
+    # admits 8 images of 1024x1024 at 50 steps and refuses, say, 1536x1536 at 1000 steps.
+    max_request_work: int = 400
     max_prompt_chars: int = 10_000
     max_lora_scale: float = 10.0
     max_guidance_scale: float = 100.0
@@ -25,6 +28,8 @@ class Limits:
 class EngineConfig:
     # A local diffusers folder or a hub id; None: the embedded small default model.
     model: str | None = None
+    # The model's name for clients (GetServerInfo, replies, /v1/models); default: the hub id or the folder's name.
+    served_model_name: str | None = None
     device: str | None = None
     dtype: str = "auto"
     # Pre-loaded, pinned adapters: "PATH" or "NAME=PATH". The operator's choice: allowed wherever they are.
@@ -35,11 +40,19 @@ class EngineConfig:
     allow_any_lora_path: bool = False
     # Bound on adapters in the table, in any tier (0: unbounded); the LRU unpinned, unused one is evicted.
     max_loaded_adapters: int = 1024
+    # Adapters of the operator and of LoadAdapter are never evicted for a request's load by path (the server
+    # sets this when admin calls need a token: then only admins decide what stays).
+    reserve_admin_adapters: bool = False
     # Adapters whose tensors stay on the device (0: unbounded), then in host memory; beyond, on disk only.
     max_device_adapters: int = 64
     max_host_adapters: int = 256
+    # Bytes that adapter loads in progress may hold at once; a load beyond waits for room, then is refused.
+    max_loading_bytes: int = 2 << 30
     # Most images in one denoising batch (requests of one shape share it; 1 turns batching off).
     max_batch_size: int = 8
+    # Batches in flight at once, taking turns on the model step by step: a batch much shorter than the
+    # running ones starts beside them instead of waiting for them to end (1: strictly one after another).
+    max_running_batches: int = 4
     # Most Generate requests waiting for the worker; beyond, RESOURCE_EXHAUSTED at once (0: unbounded).
     max_queue: int = 64
     limits: Limits = field(default_factory=Limits)

@@ -16,3 +16,10 @@ def shown(value: Any, limit: int = MAX_SHOWN) -> str:
     """repr of a value: quoted, escaped (no lone surrogates, no raw control characters), and cut short."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...(cut)"
+
+
+def loggable(value: object, limit: int = MAX_SHOWN) -> str:
+    """A value for a log line: control characters escaped (CR, LF, ESC, ... never reach the log raw, so a
+    client cannot forge lines or colour a terminal) and cut to `limit` characters."""
+    text = repr(str(value))[1:-1]
+    return text if len(text) <= limit else text[:limit] + "...(cut)"

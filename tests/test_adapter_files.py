@@ -88,6 +88,15 @@ def refused(path: Path, kind: type[OmniError] = InvalidArgument, **kwargs: Any) 
     return info.value.message
 
 
+def forbid_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any read of tensor data fail the test: what follows must be decided from the header alone."""
+
+    def read(self: safetensors_reader.SafetensorsFile) -> None:
+        raise AssertionError(f"{self.file}: tensor data was read")
+
+    monkeypatch.setattr(safetensors_reader.SafetensorsFile, "read", read)
+
+
 def wrap_check_header(monkeypatch: pytest.MonkeyPatch, after: Callable[[Path], None]) -> None:
     """Run `after(file)` once the header has been read and checked, before the data is read."""
     real = safetensors_reader._check_header
@@ -350,7 +359,7 @@ def test_empty_or_nul_path(path: str) -> None:
 def test_rank_over_the_cap_from_the_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     file = tmp_path / "lora.safetensors"
     save_file(tensors_for(8, prefix="transformer."), file)
-    monkeypatch.setattr(safetensors_reader, "load_safetensors", None)  # refused from the header: no tensor is loaded
+    forbid_tensor_reads(monkeypatch)  # refused from the header: no tensor is read
     message = refused(file, max_rank=4)
     assert f"{file}: tensor 'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' has rank 8" in message
     assert "above this server's limit of 4 (set with --max-lora-rank)" in message

@@ -70,8 +70,10 @@ def test_paths_inside_the_lora_dir_load(guarded: Server, model_dir: Path, lora_d
     # Relative paths resolve against the lora dir, and ".." that stays inside is fine.
     assert generate(guarded, pb.LoraRequest(path="inside")).adapter.name == "inside"
     assert generate(guarded, pb.LoraRequest(path="sub/../inside")).adapter.name == "inside"
-    # The operator's pre-loaded adapter may be named by its path too, wherever it lies.
-    listed = {a.name: a for a in guarded.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=10).adapters}
+    # The operator's pre-loaded adapter may be named by its path too, wherever it lies (which only admins see).
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    reply = guarded.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=auth, timeout=10)
+    listed = {a.name: a for a in reply.adapters}
     assert generate(guarded, pb.LoraRequest(path=listed["pre"].path)).adapter.name == "pre"
 
 

@@ -32,7 +32,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         finally:
             await app.state.client.close()
 
-    app = FastAPI(title="omni-grpc gateway", description=DESCRIPTION, version="1", lifespan=lifespan)
+    # No redirect for a trailing slash: a 307 with an empty body is no answer for an API client (404 instead).
+    app = FastAPI(
+        title="omni-grpc gateway", description=DESCRIPTION, version="1", lifespan=lifespan, redirect_slashes=False
+    )
     app.state.settings = settings
     install_error_handlers(app)
     for router in (chat.router, images.router, models.router, health.router):

@@ -38,6 +38,18 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         help="PEM root certificate of the gRPC server's TLS certificate: connect with TLS",
     )
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="largest request body")
+    parser.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=defaults.request_read_timeout,
+        help="seconds a request's headers and body may take to arrive; then 408 and the connection closes",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections at once; beyond, new ones are answered 503",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -49,6 +61,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         request_timeout=args.request_timeout,
         enable_lora_admin=args.enable_lora_admin,
         max_body_bytes=args.max_body_bytes,
+        request_read_timeout=args.request_read_timeout,
+        max_connections=args.max_connections,
         grpc_tls_ca=args.grpc_tls_ca,
     )
 
@@ -62,6 +76,7 @@ def uvicorn_config(settings: GatewaySettings, *, log_level: str = "info", own_lo
     from uvicorn.config import LOGGING_CONFIG
 
     from omni_grpc_gateway.app import create_app
+    from omni_grpc_gateway.http_protocol import guarded_protocol
 
     # Our AccessLog writes the one line per request; uvicorn's own access log would double it.
     return uvicorn.Config(
@@ -71,6 +86,7 @@ def uvicorn_config(settings: GatewaySettings, *, log_level: str = "info", own_lo
         log_level=log_level,
         log_config=LOGGING_CONFIG if own_logging else None,
         access_log=False,
+        http=guarded_protocol(settings.request_read_timeout, settings.max_connections),
         timeout_graceful_shutdown=int(settings.request_timeout),
     )
 

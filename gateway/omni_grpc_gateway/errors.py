@@ -29,6 +29,7 @@ _STATUS_TABLE: tuple[tuple[grpc.StatusCode | None, int, str, str], ...] = (
     (grpc.StatusCode.PERMISSION_DENIED, 403, "permission_error", "permission_denied"),
     (grpc.StatusCode.NOT_FOUND, 404, "not_found_error", "not_found"),
     (None, 405, "invalid_request_error", "method_not_allowed"),
+    (None, 408, "invalid_request_error", "request_timeout"),
     (grpc.StatusCode.ALREADY_EXISTS, 409, "conflict_error", "already_exists"),
     (grpc.StatusCode.ABORTED, 409, "conflict_error", "aborted"),
     (None, 413, "invalid_request_error", "request_too_large"),
@@ -59,10 +60,18 @@ class ApiError(StarletteHTTPException):
         self.code = code
 
 
-def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error(status: int, message: str, param: str | None, code: str | None) -> ErrorResponse:
     error_type, default_code = _TYPE_AND_CODE_OF.get(status, ("server_error", "error"))
-    body = ErrorResponse(error=ErrorBody(message=message, type=error_type, param=param, code=code or default_code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return ErrorResponse(error=ErrorBody(message=message, type=error_type, param=param, code=code or default_code))
+
+
+def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(_error(status, message, param, code).model_dump(), status_code=status)
+
+
+def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
+    """The same object as bytes, for answers written below the app (by the HTTP protocol itself)."""
+    return _error(status, message, None, code).model_dump_json().encode()
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, params: Mapping[str, str] | None = None) -> ApiError:
@@ -119,7 +128,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code in (404, 405):  # from the router: say which route was asked for
+            route = f"{request.method} {request.url.path}"[:300]
+            what = "no such route" if exc.status_code == 404 else "this route does not take that method"
+            hint = " (without the trailing slash?)" if request.url.path.endswith("/") and exc.status_code == 404 else ""
+            return error_response(exc.status_code, f"{what}: {route}{hint}")
         return error_response(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -48,8 +48,11 @@ class OmniClient:
     async def server_info(self) -> pb.GetServerInfoResponse:
         return await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._settings.health_timeout * 5)
 
-    async def list_adapters(self) -> pb.ListAdaptersResponse:
-        return await self._stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self._settings.health_timeout * 5)
+    async def list_adapters(self, *, authorization: str | None = None) -> pb.ListAdaptersResponse:
+        """The table; with an admin's Authorization header, adapters' server paths too."""
+        return await self._stub.ListAdapters(
+            pb.ListAdaptersRequest(), timeout=self._settings.health_timeout * 5, metadata=_auth_metadata(authorization)
+        )
 
     async def load_adapter(
         self, request: pb.LoadAdapterRequest, *, authorization: str | None

@@ -11,6 +11,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from omni_grpc_gateway.errors import ApiError, error_response
 
 log = logging.getLogger("omni_grpc_gateway.access")
+# Longest client value in a log line.
+_MAX_LOGGED = 200
+
+
+def _loggable(value: object) -> str:
+    """A client's value for the log: control characters escaped (no forged lines, no terminal escapes), cut."""
+    text = repr(str(value))[1:-1]
+    return text if len(text) <= _MAX_LOGGED else text[:_MAX_LOGGED] + "...(cut)"
 
 
 class BodyLimit:
@@ -86,10 +94,10 @@ class AccessLog:
             state = Request(scope).state
             log.info(
                 "%s %s status=%d adapter=%s images=%s ms=%.1f",
-                scope["method"],
-                scope["path"],
+                _loggable(scope["method"]),
+                _loggable(scope["path"]),
                 status,
-                getattr(state, "adapter", "-"),
+                _loggable(getattr(state, "adapter", "-")),
                 getattr(state, "images", "-"),
                 (time.perf_counter() - start) * 1000,
             )

@@ -21,6 +21,11 @@ class GatewaySettings:
     max_message_bytes: int = 64 * 1024 * 1024
     # Largest HTTP request body; beyond, 413 before anything is parsed.
     max_body_bytes: int = 1024 * 1024
+    # Seconds a request's headers and body may take to arrive (then 408 and the connection closes): a client
+    # that trickles bytes cannot hold a connection longer.
+    request_read_timeout: float = 30.0
+    # Open connections at once; beyond, a new one is answered 503 and closed.
+    max_connections: int = 1000
     # Seconds /health waits for the gRPC health check.
     health_timeout: float = 2.0
     # PEM root certificate(s) that sign the gRPC server's certificate: the channel then uses TLS.

@@ -32,6 +32,7 @@ from typing import Protocol
 from omni_grpc.engine.path_policy import check_path_text
 from omni_grpc.engine.types import AdapterFormat, AdapterInfo, LoraRequest
 from omni_grpc.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from omni_grpc.quoting import loggable, shown
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,14 @@ def derive_adapter_id(path: str) -> int:
     """
     digest = hashlib.sha256(normalize_path(path).encode("utf-8")).digest()
     return (int.from_bytes(digest[:8], "big") & MAX_ADAPTER_ID) or 1
+
+
+def check_name(name: str) -> None:
+    """An adapter name: 1-128 characters from [A-Za-z0-9._-]."""
+    if not NAME_PATTERN.match(name):
+        raise InvalidArgument(
+            f"adapter name {shown(name)} is invalid: use 1-128 characters from [A-Za-z0-9._-]", field="name"
+        )
 
 
 def parse_lora_spec(spec: str) -> tuple[str | None, str]:
@@ -100,6 +109,8 @@ class AdapterEntry:
     loaded: LoadedAdapter
     pinned: bool
     load_time_ms: float
+    # Loaded by a request naming its path (not by the operator or LoadAdapter).
+    by_request: bool = False
     use_count: int = 0
     in_use: int = 0
     loads: int = 1
@@ -151,6 +162,11 @@ class AdapterLease:
         self._table = table
         self._released = False
 
+    @property
+    def label(self) -> str:
+        """How logs and errors name it: name#id@scale."""
+        return f"{self.entry.name}#{self.entry.id}@{self.scale:g}"
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -158,8 +174,19 @@ class AdapterLease:
 
 
 class AdapterTable:
-    def __init__(self, backend: AdapterBackend, max_loaded: int = 0, max_device: int = 0, max_host: int = 0) -> None:
+    def __init__(
+        self,
+        backend: AdapterBackend,
+        max_loaded: int = 0,
+        max_device: int = 0,
+        max_host: int = 0,
+        *,
+        reserve_admin_adapters: bool = False,
+    ) -> None:
         self._backend = backend
+        # With an admin token: adapters loaded by the operator or LoadAdapter are never evicted to make room
+        # for one a request loads by path; such loads evict only each other.
+        self.reserve_admin_adapters = reserve_admin_adapters
         self.max_loaded = max_loaded  # entries in the table; 0: unbounded
         self.max_device = max_device  # adapters with tensors on the device; 0: unbounded
         self.max_host = max_host  # adapters with tensors in host memory
@@ -213,7 +240,7 @@ class AdapterTable:
             if path:
                 entry = self._by_path.get(normalize_path(path))
                 if entry is None:
-                    raise NotFound(f"no adapter is loaded from path '{path}'", field="path")
+                    raise NotFound(f"no adapter is loaded from path {shown(path)}", field="path")
             else:
                 entry = self._lookup_locked(adapter_id, name)
             self._remove_locked(entry)
@@ -243,10 +270,8 @@ class AdapterTable:
         self, path: str, name: str | None, adapter_id: int | None, *, pin: bool, hold: bool
     ) -> tuple[AdapterEntry, bool]:
         check_path_text(path)
-        if name is not None and not NAME_PATTERN.match(name):
-            raise InvalidArgument(
-                f"adapter name {name!r} is invalid: use 1-128 characters from [A-Za-z0-9._-]", field="name"
-            )
+        if name is not None:
+            check_name(name)
         if adapter_id is not None and not 1 <= adapter_id <= MAX_ADAPTER_ID:
             raise InvalidArgument(f"adapter id must be between 1 and 2^63-1, got {adapter_id}", field="id")
         norm = normalize_path(path)
@@ -257,6 +282,8 @@ class AdapterTable:
                     self._check_same(existing.id, existing.name, adapter_id, name, norm)
                     if pin:
                         existing.pinned = True
+                    if not hold:  # LoadAdapter of an adapter a request loaded: the admin's now
+                        existing.by_request = False
                     if hold:
                         self._hold_locked(existing)
                     else:
@@ -302,8 +329,10 @@ class AdapterTable:
         # Room is made only for an adapter that loaded: a bad file must never evict a good adapter.
         try:
             with self._lock:
-                victim = self._make_room_locked()
-                entry = self._register_locked(norm, pending, internal, loaded, pin=pin, load_ms=load_ms)
+                victim = self._make_room_locked(by_request=hold)
+                entry = self._register_locked(
+                    norm, pending, internal, loaded, pin=pin, load_ms=load_ms, by_request=hold
+                )
                 if hold:
                     self._hold_locked(entry)
         except BaseException as exc:
@@ -321,8 +350,8 @@ class AdapterTable:
         log.info(
             "adapter loaded id=%d name=%s path=%s format=%s rank=%d alpha=%g layers=%d bytes=%d pinned=%s ms=%.1f",
             entry.id,
-            entry.name,
-            norm,
+            entry.name,  # names match NAME_PATTERN: nothing to escape
+            loggable(norm),
             loaded.format.value,
             loaded.rank,
             loaded.alpha,
@@ -334,7 +363,15 @@ class AdapterTable:
         return entry
 
     def _register_locked(
-        self, norm: str, pending: _Pending, internal: str, loaded: LoadedAdapter, *, pin: bool, load_ms: float
+        self,
+        norm: str,
+        pending: _Pending,
+        internal: str,
+        loaded: LoadedAdapter,
+        *,
+        pin: bool,
+        load_ms: float,
+        by_request: bool,
     ) -> AdapterEntry:
         loads = self._loads_by_path.get(norm, 0) + 1
         self._loads_by_path[norm] = loads
@@ -347,6 +384,7 @@ class AdapterTable:
             pinned=pin,
             load_time_ms=load_ms,
             loads=loads,
+            by_request=by_request,
         )
         self._by_id[entry.id] = entry
         self._by_name[entry.name] = entry
@@ -456,15 +494,18 @@ class AdapterTable:
         self._by_id.move_to_end(entry.id)
 
     def _lookup_locked(self, adapter_id: int | None, name: str | None) -> AdapterEntry:
+        if name:
+            check_name(name)
         by_id = self._by_id.get(adapter_id) if adapter_id is not None else None
         by_name = self._by_name.get(name) if name else None
         if adapter_id is not None and by_id is None:
             raise NotFound(f"no adapter with id {adapter_id} is loaded; give its path to load it", field="id")
         if name and by_name is None:
-            raise NotFound(f"no adapter named '{name}' is loaded; give its path to load it", field="name")
+            raise NotFound(f"no adapter named {shown(name)} is loaded; give its path to load it", field="name")
         if by_id is not None and by_name is not None and by_id is not by_name:
             raise InvalidArgument(
-                f"id {adapter_id} and name '{name}' name two different adapters ('{by_id.name}' and id {by_name.id})",
+                f"id {adapter_id} and name {shown(name)} name two different adapters "
+                f"('{by_id.name}' and id {by_name.id})",
                 field="id",
             )
         entry = by_id or by_name
@@ -477,26 +518,29 @@ class AdapterTable:
     ) -> None:
         if adapter_id is not None and adapter_id != bound_id:
             raise AlreadyExists(
-                f"adapter at '{norm}' is already loaded with id {bound_id}, not {adapter_id}", field="id"
+                f"adapter at {shown(norm)} is already loaded with id {bound_id}, not {adapter_id}", field="id"
             )
         if name is not None and bound_name is not None and name != bound_name:
             raise AlreadyExists(
-                f"adapter at '{norm}' is already loaded under the name '{bound_name}', not '{name}'", field="name"
+                f"adapter at {shown(norm)} is already loaded under the name '{bound_name}', not {shown(name)}",
+                field="name",
             )
 
     def _check_id_free_locked(self, adapter_id: int, norm: str) -> None:
         holder = self._by_id.get(adapter_id)
         other = holder.path if holder else next((p for p, w in self._pending.items() if w.id == adapter_id), None)
         if other is not None and other != norm:
-            raise AlreadyExists(f"adapter id {adapter_id} is already bound to another path: '{other}'", field="id")
+            # Named by its name, never its path: a client must not learn where another adapter lives.
+            whose = f"the adapter '{holder.name}'" if holder else "an adapter being loaded"
+            raise AlreadyExists(f"adapter id {adapter_id} is already bound to {whose}", field="id")
 
     def _choose_name_locked(self, norm: str, adapter_id: int, name: str | None) -> str:
         taken = set(self._by_name) | {p.name for p in self._pending.values()}
         if name is not None:
             if name in taken:
                 holder = self._by_name.get(name)
-                where = holder.path if holder else "a load in progress"
-                raise AlreadyExists(f"adapter name '{name}' is already bound to another path: '{where}'", field="name")
+                whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
+                raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
             return name
         base = os.path.basename(norm)
         base = base.removesuffix(".safetensors") if os.path.isfile(norm) else base
@@ -504,17 +548,18 @@ class AdapterTable:
         # A default name never fails a load: two folders both called "lora" get distinct names.
         return candidate if candidate not in taken else f"{candidate[:100]}-{adapter_id:x}"
 
-    def _make_room_locked(self) -> AdapterEntry | None:
+    def _make_room_locked(self, *, by_request: bool) -> AdapterEntry | None:
         # Loads in flight do not count: they take a slot only once their file has been read and checked.
         if not self.max_loaded or len(self._by_id) < self.max_loaded:
             return None
+        only_requests = by_request and self.reserve_admin_adapters
         for entry in self._by_id.values():  # least recently used first
-            if not entry.pinned and entry.in_use == 0:
+            if not entry.pinned and entry.in_use == 0 and (entry.by_request or not only_requests):
                 self._remove_locked(entry)
                 return entry
+        held = "pinned, in use or loaded by an admin" if only_requests else "pinned or in use"
         raise ResourceExhausted(
-            f"all {self.max_loaded} adapter slots (--max-loaded-adapters) are pinned or in use; "
-            "unload one or retry later"
+            f"all {self.max_loaded} adapter slots (--max-loaded-adapters) are {held}; unload one or retry later"
         )
 
     def _remove_locked(self, entry: AdapterEntry) -> None:

@@ -11,14 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from omni_grpc.engine.lora_layers import MultiLora
 from omni_grpc.engine.pipeline import LoadedPipeline, run_pipeline
+from omni_grpc.engine.turns import Turns
 from omni_grpc.engine.types import Timings
 from omni_grpc.engine.validation import ValidRequest
 from omni_grpc.engine.worker import BatchItem
-from omni_grpc.errors import Cancelled, DeadlineExceeded, OmniError, ResourceExhausted
+from omni_grpc.errors import Cancelled, DeadlineExceeded, FailedPrecondition, OmniError, ResourceExhausted
+from omni_grpc.quoting import loggable
 
 log = logging.getLogger("omni_grpc.requests")
 
@@ -35,11 +38,11 @@ class Work:
     request: ValidRequest
     adapter_key: str | None
     scale: float
+    # How errors name the request's adapter ("style#42@0.5"), or "" without one.
+    adapter_label: str
     check: StopCheck
     submitted: float
     timings: Timings
-    # Denoising steps this request has been through (its log says how far a stopped one got).
-    steps_done: int = 0
 
     @property
     def batch_key(self) -> tuple[int, int, int, bool, bool]:
@@ -82,9 +85,10 @@ def stop_check(cancelled: Callable[[], bool] | None, deadline: float | None) -> 
 class BatchRunner:
     """Runs batches on the worker thread; the worker calls it with the requests it put together."""
 
-    def __init__(self, pipeline: LoadedPipeline, lora: MultiLora) -> None:
+    def __init__(self, pipeline: LoadedPipeline, lora: MultiLora, turns: Turns) -> None:
         self._pipeline = pipeline
         self._lora = lora
+        self._turns = turns
 
     def __call__(self, items: list[BatchItem[Work]]) -> None:
         started = time.perf_counter()
@@ -101,7 +105,9 @@ class BatchRunner:
         except _AllStopped:
             return
         except Exception as exc:
-            log.warning("a batch of %d requests failed (%s: %s)", len(live), type(exc).__name__, exc, exc_info=True)
+            log.warning(
+                "a batch of %d requests failed (%s: %s)", len(live), type(exc).__name__, loggable(exc), exc_info=True
+            )
             failure = _detached(exc)
         # Out of the except clause, so the failed call's frames and their tensors can be freed first.
         _free_cached_memory()
@@ -142,47 +148,76 @@ class BatchRunner:
         used_guidance = guidance[0]
         first = live[0].payload.request
 
-        def on_step(step: int) -> None:
+        pipeline = self._pipeline
+        plan = self._lora.plan_for(samples)
+
+        def resume() -> None:
+            # Another batch may have had the model since this one's last step: put this one's state back.
+            self._lora.activate(plan)
+            if used_guidance > 1:
+                pipeline.guidance.set(guidance, used_guidance)
+            else:
+                pipeline.guidance.clear()
+
+        def on_step(step: int, latents: torch.Tensor) -> None:
+            finite = torch.isfinite(latents.flatten(1)).all(1).tolist()
+            row = 0
             for item in live:
+                n = len(item.payload.request.seeds)
                 if not item.future.done():
-                    item.payload.steps_done = step + 1
+                    item.steps_done = step + 1
+                    if not all(finite[row : row + n]):
+                        item.future.set_exception(_non_finite(item))
+                row += n
+            if self._turns.pass_if_waiting():  # a batch or job waits for the model: one step each
+                resume()
             # A stopped request is answered at once; the others go on. Stop when none is left.
             stopped = [_settle_if_stopped(item, step) for item in live]  # every one, no short-circuit
             if all(stopped):
                 raise _AllStopped
 
-        pipeline = self._pipeline
-        with self._lora.applied(samples):
-            activation_ms = (time.perf_counter() - started) * 1000
-            if used_guidance > 1:
-                pipeline.guidance.set(guidance, used_guidance)
-            denoise_start = time.perf_counter()
-            try:
-                output = run_pipeline(
-                    pipeline,
-                    prompts=prompts,
-                    negative_prompts=negatives,
-                    height=first.height,
-                    width=first.width,
-                    steps=first.steps,
-                    guidance_scale=used_guidance,
-                    seeds=seeds,
-                    on_step=on_step,
-                )
-            finally:
-                pipeline.guidance.clear()
-            inference_ms = (time.perf_counter() - denoise_start) * 1000
+        resume()
+        activation_ms = (time.perf_counter() - started) * 1000
+        denoise_start = time.perf_counter()
+        try:
+            output = run_pipeline(
+                pipeline,
+                prompts=prompts,
+                negative_prompts=negatives,
+                height=first.height,
+                width=first.width,
+                steps=first.steps,
+                guidance_scale=used_guidance,
+                seeds=seeds,
+                on_step=on_step,
+            )
+        finally:
+            self._lora.activate(None)
+            pipeline.guidance.clear()
+        inference_ms = (time.perf_counter() - denoise_start) * 1000
         offset = 0
         for item in live:
             work = item.payload
             n = len(work.request.seeds)
             work.timings.adapter_ms += activation_ms
             work.timings.inference_ms = inference_ms
+            arrays = output.arrays[offset : offset + n]
             if not item.future.done():
-                item.future.set_result(
-                    Done(output.images[offset : offset + n], output.arrays[offset : offset + n], len(seeds))
-                )
+                if all(np.isfinite(array).all() for array in arrays):
+                    item.future.set_result(Done(output.images[offset : offset + n], arrays, len(seeds)))
+                else:  # finite latents, decoded to NaN or Inf (a VAE in half precision, say)
+                    item.future.set_exception(_non_finite(item))
             offset += n
+
+
+def _non_finite(item: BatchItem[Work]) -> OmniError:
+    """A sample whose values overflowed: that request fails alone, naming what it ran with."""
+    if item.payload.adapter_label:
+        return FailedPrecondition(
+            f"the denoiser produced non-finite values for this request after {item.steps_done} steps with adapter "
+            f"{item.payload.adapter_label}: the adapter's weights (or its scale) are too large for this model"
+        )
+    return OmniError(f"the model produced non-finite values for this request after {item.steps_done} steps")
 
 
 def _settle_if_stopped(item: BatchItem[Work], step: int) -> bool:

@@ -7,19 +7,20 @@ what runs on the worker thread is in `batch_runner`, the checks and defaults in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from omni_grpc.config import EngineConfig
-from omni_grpc.engine.adapter_backend import PipelineAdapters
+from omni_grpc.engine.adapter_backend import LoadingBudget, PipelineAdapters
 from omni_grpc.engine.adapters import AdapterLease, AdapterTable, normalize_path, parse_lora_spec
 from omni_grpc.engine.batch_runner import BatchRunner, Done, StopCheck, Work, stop_check
 from omni_grpc.engine.imaging import encode_image
@@ -37,6 +38,7 @@ from omni_grpc.engine.types import (
 from omni_grpc.engine.validation import ValidRequest, check_lora_scale, validate_request
 from omni_grpc.engine.worker import BatchItem, Worker
 from omni_grpc.errors import InvalidArgument, OmniError, ResourceExhausted, Unavailable
+from omni_grpc.quoting import loggable
 
 log = logging.getLogger("omni_grpc.requests")
 
@@ -57,6 +59,18 @@ class _Admission:
     batch_images: int = 0
 
 
+@contextlib.contextmanager
+def _paths_as_sent(real: str | None, sent: str | None) -> Iterator[None]:
+    """Errors about a client's adapter name it as the client did: the real path it resolved to (which can
+    reveal the server's folders, e.g. the root a relative path landed in) is not the client's to see."""
+    try:
+        yield
+    except OmniError as exc:
+        if real and sent and real != sent:
+            exc.message = exc.message.replace(real, sent)
+        raise
+
+
 def _outcome(exc: BaseException) -> str:
     """The log's name for how a request failed: its gRPC status name."""
     return exc.code if isinstance(exc, OmniError) else "INTERNAL"
@@ -65,7 +79,9 @@ def _outcome(exc: BaseException) -> str:
 class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self._worker: Worker[Work] = Worker(max_batch_size=self.config.max_batch_size)
+        self._worker: Worker[Work] = Worker(
+            max_batch_size=self.config.max_batch_size, max_running_batches=self.config.max_running_batches
+        )
         self._pipeline: LoadedPipeline | None = None
         self._table: AdapterTable | None = None
         self._lora: MultiLora | None = None
@@ -88,16 +104,24 @@ class Engine:
             log.info("torch uses %d CPU threads (--torch-threads)", cfg.torch_threads)
         self._pipeline = pipeline = self._worker.call(
             lambda: load_pipeline(
-                cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, progress_bar=cfg.progress_bar
+                cfg.model,
+                device=cfg.device,
+                dtype=cfg.dtype,
+                cache_dir=cfg.cache_dir,
+                progress_bar=cfg.progress_bar,
+                served_name=cfg.served_model_name,
             )
         )
         self._lora = MultiLora(pipeline.denoiser, pipeline.device, pipeline.dtype)
-        self._worker.start_batching(BatchRunner(pipeline, self._lora))
+        self._worker.start_batching(BatchRunner(pipeline, self._lora, self._worker.turns))
         self._table = AdapterTable(
-            PipelineAdapters(self._worker, self._lora, cfg.limits.max_lora_rank, self._paths),
+            PipelineAdapters(
+                self._worker, self._lora, cfg.limits.max_lora_rank, self._paths, LoadingBudget(cfg.max_loading_bytes)
+            ),
             max_loaded=cfg.max_loaded_adapters,
             max_device=cfg.max_device_adapters,
             max_host=cfg.max_host_adapters,
+            reserve_admin_adapters=cfg.reserve_admin_adapters,
         )
         for spec in cfg.lora_paths:
             name, path = parse_lora_spec(spec)
@@ -173,7 +197,9 @@ class Engine:
     def load_adapter(
         self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
     ) -> tuple[AdapterInfo, bool]:
-        return self._adapters.load(self._paths.resolve(path), name=name, adapter_id=adapter_id, pin=pin)
+        real = self._paths.resolve(path)
+        with _paths_as_sent(real, path):
+            return self._adapters.load(real, name=name, adapter_id=adapter_id, pin=pin)
 
     def unload_adapter(
         self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None
@@ -227,9 +253,9 @@ class Engine:
                 check_lora_scale(request.lora, self.config.limits)
                 try:
                     lora = request.lora
-                    if lora.path:
-                        lora = dataclasses.replace(lora, path=self._paths.resolve(lora.path))
-                    admission.lease = self._adapters.acquire(lora)
+                    real = self._paths.resolve(lora.path) if lora.path else None
+                    with _paths_as_sent(real, lora.path):
+                        admission.lease = self._adapters.acquire(dataclasses.replace(lora, path=real))
                 except OmniError as exc:
                     # The table names its own fields ("path"); in a Generate they sit under lora_request.
                     if exc.field in ("path", "name", "id", "scale"):
@@ -241,11 +267,12 @@ class Engine:
                 request=valid,
                 adapter_key=lease.entry.internal_name if lease is not None else None,
                 scale=lease.scale if lease is not None else 0.0,
+                adapter_label=lease.label if lease is not None else "",
                 check=check,
                 submitted=time.perf_counter(),
                 timings=admission.timings,
             )
-            admission.item = BatchItem(key=work.batch_key, size=len(valid.seeds), payload=work)
+            admission.item = BatchItem(key=work.batch_key, size=len(valid.seeds), payload=work, steps=valid.steps)
         except BaseException as exc:
             admission.outcome = _outcome(exc)
             raise
@@ -275,7 +302,9 @@ class Engine:
         applied = None
         if admission.lease is not None:
             entry = admission.lease.entry
-            applied = AppliedAdapter(id=entry.id, name=entry.name, path=entry.path, scale=admission.lease.scale)
+            # The path as this request gave it (none when it named the adapter): a reply shows no server path.
+            sent = request.lora.path if request.lora is not None else None
+            applied = AppliedAdapter(id=entry.id, name=entry.name, path=sent or "", scale=admission.lease.scale)
         return GenerateResult(
             images=images,
             adapter=applied,
@@ -298,14 +327,15 @@ class Engine:
     def _log_request(self, admission: _Admission) -> None:
         request, valid, lease = admission.request, admission.valid, admission.lease
         if lease is not None:
-            adapter = f"{lease.entry.name}#{lease.entry.id}@{lease.scale:g}"
+            adapter = lease.label
         elif request.lora is not None:
+            # What the client sent, refused before it named an adapter: escaped, cut short.
             lora = request.lora
-            adapter = lora.name or lora.path or (f"#{lora.id}" if lora.id is not None else "?")
+            adapter = loggable(lora.name or lora.path or (f"#{lora.id}" if lora.id is not None else "?"))
         else:
             adapter = "-"
         # A request refused by validation has not been validated.
-        steps_done = admission.item.payload.steps_done if admission.item is not None else 0
+        steps_done = admission.item.steps_done if admission.item is not None else 0
         shape = (
             f"size={valid.width}x{valid.height} steps={valid.steps} steps_done={steps_done} images={len(valid.seeds)}"
             if valid is not None

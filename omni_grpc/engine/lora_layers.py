@@ -1,22 +1,23 @@
 """Apply many LoRA adapters to one denoiser, per sample, without changing its weights.
 
 Each Linear/Conv2d that some adapter targets gets one forward hook, installed the first time an adapter
-names it. Each pipeline call runs inside `MultiLora.applied(...)`, which sets a `BatchPlan`: the adapter
-and scale of every sample in the batch. The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group
-of samples that share an adapter and a scale; samples without an adapter are left alone. With no plan the hooks return
-the base output untouched, so base results stay bit-identical to a model that never saw an adapter.
+names it. Before each of its steps a batch activates its `BatchPlan`: the adapter and scale of every sample.
+The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group of samples that share an adapter and a
+scale; samples without an adapter are left alone. With no plan the hooks return the base output untouched,
+so base results stay bit-identical to a model that never saw an adapter.
 
 Adapter tensors live in `AdapterSlot`s, outside the module tree: moving one between memory tiers is a
 tensor copy, switching adapters is setting a plan, and neither depends on how many adapters are loaded.
 
-Threads: `applied` and `install_hooks` run on the engine's worker (hooks change modules the worker runs).
-Registering, replacing and dropping a slot is one dict operation, safe from any thread: a running batch
-holds the slots it uses, and the adapter table never drops or moves an adapter a request holds.
+Threads: `activate` and `install_hooks` run only with the model's turn (see `turns`: hooks change modules
+the model runs). Registering, replacing and dropping a slot is one dict operation, safe from any thread: a
+running batch holds the slots it uses, and the adapter table never drops or moves an adapter a request holds.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omni_grpc.engine.adapter_files import AdapterWeights
+from omni_grpc.engine.adapter_files import AdapterLayout, AdapterWeights
 from omni_grpc.errors import FailedPrecondition
+from omni_grpc.quoting import shown
 
 log = logging.getLogger(__name__)
 
@@ -148,33 +150,27 @@ class MultiLora:
 
     # ---- reading (any thread) -------------------------------------------------------------------
 
-    def check_fits(self, weights: AdapterWeights) -> None:
+    @property
+    def max_abs_weight(self) -> float:
+        """The largest |weight| x scaling this denoiser's dtype computes with: beyond, only overflow."""
+        return math.sqrt(float(torch.finfo(self._dtype).max))
+
+    def max_adapter_bytes(self, max_rank: int) -> int:
+        """The most bytes an adapter of rank `max_rank` can hold on this denoiser (every layer adapted, F32)."""
+        total = 0
+        for module in self._modules.values():
+            shapes = _expected_shapes(module, max_rank)
+            if shapes is not None:
+                total += 4 * sum(math.prod(shape) for shape in shapes)
+        return total
+
+    def check_fits(self, layout: AdapterLayout) -> None:
         """Raise FailedPrecondition naming the first module that is missing or has other shapes."""
-        model_name = type(self._denoiser).__name__
-        for module_name in sorted(weights.modules):
-            a, b = weights.modules[module_name]
-            module = self._modules.get(module_name)
-            if module is None:
-                raise FailedPrecondition(
-                    f"adapter '{weights.path}' does not fit the base model: module '{module_name}' does not "
-                    f"exist in {model_name}"
-                )
-            expected = _expected_shapes(module, a.shape[0])
-            if expected is None:
-                raise FailedPrecondition(
-                    f"adapter '{weights.path}' does not fit the base model: module '{module_name}' is a "
-                    f"{type(module).__name__}, which LoRA cannot adapt here (Linear and Conv2d only)"
-                )
-            if (tuple(a.shape), tuple(b.shape)) != expected:
-                raise FailedPrecondition(
-                    f"adapter '{weights.path}' does not fit the base model: module '{module_name}' "
-                    f"expects lora_A {list(expected[0])} and lora_B {list(expected[1])}, the adapter has "
-                    f"{list(a.shape)} and {list(b.shape)}"
-                )
+        self._check_shapes({name: (a.shape, b.shape) for name, (a, b) in layout.modules.items()}, layout.path)
 
     def make_slot(self, weights: AdapterWeights) -> AdapterSlot:
         """The adapter's tensors in the model's dtype on the model's device."""
-        self.check_fits(weights)
+        self._check_shapes({name: (a.shape, b.shape) for name, (a, b) in weights.modules.items()}, weights.path)
         target = self._device
         modules: dict[str, ModuleLora] = {}
         for name, (a, b) in weights.modules.items():
@@ -187,6 +183,29 @@ class MultiLora:
                 conv=conv,
             )
         return AdapterSlot(modules, target)
+
+    def _check_shapes(self, shapes: dict[str, tuple[Sequence[int], Sequence[int]]], path: str) -> None:
+        model_name = type(self._denoiser).__name__
+        for module_name in sorted(shapes):
+            a, b = (tuple(shape) for shape in shapes[module_name])
+            module = self._modules.get(module_name)
+            if module is None:
+                raise FailedPrecondition(
+                    f"adapter {shown(path)} does not fit the base model: module {shown(module_name)} does not "
+                    f"exist in {model_name}"
+                )
+            expected = _expected_shapes(module, a[0])
+            if expected is None:
+                raise FailedPrecondition(
+                    f"adapter {shown(path)} does not fit the base model: module {shown(module_name)} is a "
+                    f"{type(module).__name__}, which LoRA cannot adapt here (Linear and Conv2d only)"
+                )
+            if (a, b) != expected:
+                raise FailedPrecondition(
+                    f"adapter {shown(path)} does not fit the base model: module {shown(module_name)} "
+                    f"expects lora_A {list(expected[0])} and lora_B {list(expected[1])}, the adapter has "
+                    f"{list(a)} and {list(b)}"
+                )
 
     # ---- hooks and plans: worker thread; slots: any thread (see the module docstring) -----------
 
@@ -223,19 +242,28 @@ class MultiLora:
             return
         self._slots[key] = current.to(device, pin=device.type == "cpu" and self._device.type == "cuda")
 
-    @contextmanager
-    def applied(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
-        """Run the body with these per-sample adapters (by key), as one BatchPlan that never outlives it."""
+    def plan_for(self, samples: Sequence[tuple[str | None, float]]) -> BatchPlan | None:
+        """The BatchPlan of these per-sample adapters (by key); None when no sample has one."""
         slots = {key: self._slots[key] for key, _ in samples if key is not None}
         for key, slot in slots.items():
             if slot.device != self._device:
                 raise RuntimeError(f"adapter {key} is on {slot.device}, not {self._device}; promote it first")
         plan = BatchPlan([(slots[key] if key is not None else None, scale) for key, scale in samples])
-        self._plan = plan if plan.has_adapters else None
+        return plan if plan.has_adapters else None
+
+    def activate(self, plan: BatchPlan | None) -> None:
+        """The plan the hooks apply from now on (None: the base model). Only the holder of the model's turn
+        calls it, before each of its steps run: batches in flight take turns."""
+        self._plan = plan
+
+    @contextmanager
+    def applied(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
+        """Run the body with these per-sample adapters (by key); the plan never outlives it."""
+        self.activate(self.plan_for(samples))
         try:
             yield
         finally:
-            self._plan = None
+            self.activate(None)
 
     # ---- introspection ----------------------------------------------------------------------------
 

@@ -11,15 +11,24 @@ import os
 from collections.abc import Iterable
 
 from omni_grpc.errors import InvalidArgument, PermissionDenied
+from omni_grpc.quoting import shown
 
 # The files an adapter folder may hold that the server reads (see adapter_files).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "pytorch_lora_weights.safetensors")
 
 
+# The longest adapter path a client may send (Linux's PATH_MAX).
+MAX_PATH_CHARS = 4096
+
+
 def check_path_text(path: str) -> None:
-    """What any adapter path must be before it is looked at: not empty, no NUL byte."""
+    """What any adapter path must be before it is looked at: not empty, not too long, no NUL byte."""
     if not path:
         raise InvalidArgument("adapter path must not be empty", field="path")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidArgument(
+            f"adapter path is {len(path)} characters long; the limit is {MAX_PATH_CHARS}", field="path"
+        )
     if "\x00" in path:
         raise InvalidArgument("adapter path must not contain NUL bytes", field="path")
 
@@ -58,13 +67,13 @@ class PathPolicy:
                 return real
         if not self._roots:
             raise PermissionDenied(
-                f"adapter path '{path}' is refused: this server loads adapters by path only from the folders "
+                f"adapter path {shown(path)} is refused: this server loads adapters by path only from the folders "
                 "given with --lora-dirs, and none were given (adapters pre-loaded with --lora-path can be used "
                 "by name or id)",
                 field="path",
             )
         raise PermissionDenied(
-            f"adapter path '{path}' is outside the adapter folders this server allows (--lora-dirs)", field="path"
+            f"adapter path {shown(path)} is outside the adapter folders this server allows (--lora-dirs)", field="path"
         )
 
     def is_operator_path(self, real_path: str) -> bool:
@@ -84,7 +93,7 @@ class PathPolicy:
             file = os.path.join(real, name)
             if os.path.lexists(file) and not self._inside_a_root(os.path.realpath(file)):
                 raise PermissionDenied(
-                    f"adapter path '{path}': its file {name} links outside the adapter folders this server "
+                    f"adapter path {shown(path)}: its file {name} links outside the adapter folders this server "
                     "allows (--lora-dirs)",
                     field="path",
                 )

@@ -5,6 +5,7 @@ Families: Stable Diffusion 3 / 3.5 (transformer denoiser) and Stable Diffusion 1
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -33,7 +34,8 @@ FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OnStep = Callable[[int], None]
+# Called after each denoising step with its index and the latents (one row per sample); may raise to stop.
+OnStep = Callable[[int, torch.Tensor], None]
 
 
 @dataclass
@@ -53,6 +55,15 @@ class LoadedPipeline:
     device: torch.device
     dtype: torch.dtype
     guidance: PerSampleGuidance
+
+    def fresh_pipe(self) -> Any:
+        """A pipeline object of its own for one call, sharing every model (about a millisecond): a call keeps
+        its progress in the pipeline and its scheduler, and calls in flight take turns on the models."""
+        components = dict(self.pipe.components)
+        components["scheduler"] = copy.deepcopy(self.pipe.scheduler)
+        pipe = type(self.pipe)(**components)
+        pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
+        return pipe
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -77,8 +88,12 @@ def load_pipeline(
     dtype: str = "auto",
     cache_dir: Path | None = None,
     progress_bar: bool = False,
+    served_name: str | None = None,
 ) -> LoadedPipeline:
-    """Load `model` (a local diffusers folder or a hub id), or the embedded default when None."""
+    """Load `model` (a local diffusers folder or a hub id), or the embedded default when None.
+
+    Clients see it as `served_name`, by default the hub id or the folder's name: never the server's path.
+    """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if not progress_bar:
@@ -96,13 +111,14 @@ def load_pipeline(
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"'{model}' is a folder but not a diffusers pipeline: model_index.json is missing")
         pipe = _from_folder(folder, torch_dtype)
-        model_name = model
+        model_name = folder.resolve().name
     elif Path(model).expanduser().exists():
         raise ModelLoadError(f"--model '{model}' is a file; give a diffusers pipeline folder or a hub id")
     else:
         pipe = _from_hub(model, torch_dtype)
         model_name = model
 
+    model_name = served_name or model_name
     family = FAMILIES.get(type(pipe).__name__)
     if family is None:
         raise ModelLoadError(f"'{model_name}' is a {type(pipe).__name__}; supported: {', '.join(sorted(FAMILIES))}")
@@ -238,13 +254,13 @@ def run_pipeline(
     """
 
     def step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        on_step(step)
+        on_step(step, tensors["latents"])
         return tensors
 
     # CPU generators give the same latents on every device, so a seed means the same image everywhere.
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
     negatives = negative_prompts if any(negative_prompts) else None
-    output = loaded.pipe(
+    output = loaded.fresh_pipe()(
         prompt=prompts,
         negative_prompt=negatives,
         height=height,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from omni_grpc.errors import InvalidArgument
+from omni_grpc.quoting import shown
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -47,7 +48,9 @@ class LoraRequest:
             raise InvalidArgument(f"lora_request has unknown keys {sorted(unknown)}; known: {sorted(known)}")
         scale = value.get("scale")
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-            raise InvalidArgument(f"lora_request.scale must be a number, got {scale!r}", field="lora_request.scale")
+            raise InvalidArgument(
+                f"lora_request.scale must be a number, got {shown(scale)}", field="lora_request.scale"
+            )
         return cls(
             path=value.get("path"),
             name=value.get("name"),

@@ -70,6 +70,13 @@ def validate_request(request: GenerateRequest, pipeline: LoadedPipeline, limits:
             f"sampling_params.num_images must be between 1 and {limits.max_images}, got {s.num_images}",
             field="sampling_params.num_images",
         )
+    work = steps * s.num_images * height * width / 2**20
+    if work > limits.max_request_work:
+        raise InvalidArgument(
+            f"the request asks for {work:g} megapixel-steps (steps x images x height x width / 2^20); the limit "
+            f"is {limits.max_request_work} (--max-request-work)",
+            field="sampling_params.num_inference_steps",
+        )
     seed = secrets.randbits(63) if s.seed is None else s.seed
     if not 0 <= seed <= MAX_SEED - (s.num_images - 1):
         raise InvalidArgument(

@@ -1,7 +1,8 @@
-"""Admin RPCs (LoadAdapter, UnloadAdapter) need a bearer token when the server is given one.
+"""The admin token: LoadAdapter and UnloadAdapter need it when the server is given one, and only callers
+that send it see the server's own paths (in ListAdapters).
 
-A gRPC server interceptor, so the check happens before the request is even deserialised, and the
-servicer stays a plain converter.
+The admin RPCs are refused by a gRPC server interceptor, before the request is even deserialised, so the
+servicer stays a plain converter; the servicer asks the same `AdminToken` whether a caller is an admin.
 """
 
 from __future__ import annotations
@@ -15,11 +16,34 @@ import grpc
 
 log = logging.getLogger(__name__)
 
+# gRPC call metadata, as interceptors and servicer contexts give it: (key, value) pairs.
+Metadata = Iterable[tuple[str, str | bytes]]
+
+
+class AdminToken:
+    """The bearer token of admin calls; None: no token is configured, and every caller is an admin."""
+
+    def __init__(self, token: str | None) -> None:
+        # Compared in constant time; the token itself is never logged.
+        self._expected = f"Bearer {token}".encode() if token else None
+
+    @property
+    def required(self) -> bool:
+        return self._expected is not None
+
+    def given(self, metadata: Metadata | None) -> str | bytes | None:
+        return dict(metadata or ()).get("authorization")
+
+    def is_admin(self, metadata: Metadata | None) -> bool:
+        if self._expected is None:
+            return True
+        given = self.given(metadata)
+        return isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected)
+
 
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str, methods: Iterable[str]) -> None:
-        # Compared in constant time; the token itself is never logged.
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, token: AdminToken, methods: Iterable[str]) -> None:
+        self._token = token
         self._methods = frozenset(methods)
 
     async def intercept_service(
@@ -28,12 +52,11 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
-        if method not in self._methods:
-            return await continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization")
-        if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
+        metadata = handler_call_details.invocation_metadata
+        if method not in self._methods or self._token.is_admin(metadata):
             return await continuation(handler_call_details)
         rpc = method.rsplit("/", 1)[-1]
+        given = self._token.given(metadata)
         if given is None:
             message = f"{rpc} is an admin call: send the metadata 'authorization: Bearer <admin token>'"
         else:

@@ -95,11 +95,11 @@ def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
     return response
 
 
-def adapter_to_pb(info: AdapterInfo) -> pb.Adapter:
+def adapter_to_pb(info: AdapterInfo, *, show_path: bool = True) -> pb.Adapter:
     return pb.Adapter(
         id=info.id,
         name=info.name,
-        path=info.path,
+        path=info.path if show_path else "",
         rank=info.rank,
         alpha=info.alpha,
         target_modules=info.target_modules,

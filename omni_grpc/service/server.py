@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from omni_grpc.config import ServerConfig
 from omni_grpc.engine.engine import Engine
 from omni_grpc.errors import ModelLoadError, OmniError
-from omni_grpc.service.auth import AdminTokenInterceptor
+from omni_grpc.quoting import loggable
+from omni_grpc.service.auth import AdminToken, AdminTokenInterceptor
 from omni_grpc.service.servicer import OmniServicer
 from omni_grpc.v1 import SERVICE_NAME, omni_pb2_grpc
 
@@ -37,25 +39,30 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
-    engine = Engine(config.engine)
+    # With an admin token only admins decide which adapters stay: requests cannot evict theirs.
+    engine = Engine(dataclasses.replace(config.engine, reserve_admin_adapters=bool(config.admin_token)))
     # A thread per waiting or running request, plus some for admin calls: the queue bound (--max-queue),
     # not the thread pool, decides when a request is refused.
     cfg = config.engine
     threads = (cfg.max_queue or 256) + cfg.max_batch_size + 16
     executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="omni-rpc")
+    token = AdminToken(config.admin_token)
     interceptors = []
-    if config.admin_token:
+    if token.required:
         admin = [f"/{SERVICE_NAME}/LoadAdapter", f"/{SERVICE_NAME}/UnloadAdapter"]
-        interceptors.append(AdminTokenInterceptor(config.admin_token, admin))
+        interceptors.append(AdminTokenInterceptor(token, admin))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
+            # grpcio shares a port between processes by default (SO_REUSEPORT): a second server would then
+            # start "fine" and take half the connections with another adapter table. Binding must fail instead.
+            ("grpc.so_reuseport", 0),
             ("grpc.max_send_message_length", config.max_message_bytes),
             # The servicer refuses requests over max_request_bytes by name; this is gRPC's hard wall.
             ("grpc.max_receive_message_length", 4 * config.max_request_bytes),
         ],
     )
-    servicer = OmniServicer(engine, executor, max_request_bytes=config.max_request_bytes)
+    servicer = OmniServicer(engine, executor, token, max_request_bytes=config.max_request_bytes)
     omni_pb2_grpc.add_OmniServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -71,7 +78,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
         else:
             port = server.add_insecure_port(address)
     except (RuntimeError, OSError) as exc:
-        log.error("cannot listen on %s: %s", address, exc)
+        log.error("cannot listen on %s (is another server using the port?): %s", address, exc)
         return 1
     await server.start()
     _log_security(config)
@@ -91,10 +98,10 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
         try:
             loading.result()
         except ModelLoadError as exc:
-            log.error("model load failed: %s", exc.message)
+            log.error("model load failed: %s", loggable(exc.message, limit=2000))
             exit_code = 1
         except OmniError as exc:  # a --lora-path adapter that cannot be loaded
-            log.error("start-up failed: %s", exc.message)
+            log.error("start-up failed: %s", loggable(exc.message, limit=2000))
             exit_code = 1
         except Exception:
             log.exception("start-up failed")

@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 from omni_grpc.engine.engine import Engine
 from omni_grpc.errors import InvalidArgument, OmniError, Unavailable
 from omni_grpc.service import convert
+from omni_grpc.service.auth import AdminToken
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
 
@@ -33,9 +34,12 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
-    def __init__(self, engine: Engine, executor: Executor, *, max_request_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, engine: Engine, executor: Executor, token: AdminToken, *, max_request_bytes: int = 1 << 20
+    ) -> None:
         self._engine = engine
         self._executor = executor
+        self._token = token
         self._max_request_bytes = max_request_bytes
         self._accepting = True
         self._in_flight = 0
@@ -93,7 +97,9 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: Context) -> pb.ListAdaptersResponse:
         def work() -> pb.ListAdaptersResponse:
-            adapters = [convert.adapter_to_pb(info) for info in self._engine.list_adapters()]
+            # The server's own paths are for admins only (every caller is one when no token is set).
+            show_paths = self._token.is_admin(context.invocation_metadata())
+            adapters = [convert.adapter_to_pb(info, show_path=show_paths) for info in self._engine.list_adapters()]
             config = self._engine.config
             return pb.ListAdaptersResponse(
                 adapters=adapters,
@@ -139,13 +145,19 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
             self._idle.set()
 
 
+# The longest status message sent: every message quotes client values cut short, and this keeps any that
+# grew anyway far inside gRPC's metadata limit (a message over it reaches the client as RESOURCE_EXHAUSTED).
+MAX_MESSAGE_CHARS = 2000
+
+
 async def _abort(context: Context, exc: OmniError) -> NoReturn:
-    status = status_pb2.Status(code=getattr(code_pb2, exc.code), message=exc.message)
+    message = exc.message if len(exc.message) <= MAX_MESSAGE_CHARS else exc.message[:MAX_MESSAGE_CHARS] + "...(cut)"
+    status = status_pb2.Status(code=getattr(code_pb2, exc.code), message=message)
     if exc.field:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)]
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=message)]
             )
         )
         status.details.append(detail)

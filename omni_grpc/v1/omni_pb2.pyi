@@ -330,6 +330,7 @@ class AppliedAdapter(_message.Message):
     id: _builtins.int
     name: _builtins.str
     path: _builtins.str
+    """The path as the request gave it; empty when the request named the adapter by name or id."""
     scale: _builtins.float
     """The scale the request ran with."""
     def __init__(
@@ -423,7 +424,9 @@ class Adapter(_message.Message):
     id: _builtins.int
     name: _builtins.str
     path: _builtins.str
-    """The normalised absolute real path it was read from."""
+    """The normalised absolute real path it was read from; shown to admin callers only (empty otherwise: a
+    server's paths are not every client's to see).
+    """
     rank: _builtins.int
     """LoRA rank (r); the largest one if modules differ."""
     alpha: _builtins.float
@@ -681,7 +684,9 @@ class GetServerInfoResponse(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
-    """The base model: the --model value (hub id or folder), or "omni-grpc/tiny-sd3" for the embedded default."""
+    """The base model's name for clients: --served-model-name, else the hub id or the model folder's name (never
+    its path), or "omni-grpc/tiny-sd3" for the embedded default.
+    """
     family: _builtins.str
     """Pipeline family: "sd3", "sd" or "sdxl"."""
     default_height: _builtins.int

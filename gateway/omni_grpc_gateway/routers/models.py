@@ -15,7 +15,8 @@ router = APIRouter(tags=["models"])
 @router.get("/v1/models", responses=errors(503, 504))
 async def list_models(request: Request, client: Client) -> ModelList:
     info = await rpc(client.server_info(), request=request)
-    listing = await rpc(client.list_adapters(), request=request)
+    # An admin's token (passed through) shows each adapter's path as its `root`; others see none.
+    listing = await rpc(client.list_adapters(authorization=request.headers.get("authorization")), request=request)
     base = ModelCard(id=info.model, created=info.started_at, root=info.model)
     adapters = [
         ModelCard(id=adapter.name, created=info.started_at, root=adapter.path, parent=info.model)
