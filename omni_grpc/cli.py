@@ -111,6 +111,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         "--max-lora-rank", type=int, default=defaults.max_lora_rank, help="largest rank an adapter may declare"
     )
     lim.add_argument(
+        "--max-loras-per-request",
+        type=int,
+        default=defaults.max_loras_per_request,
+        help="most adapters one request may compose (GenerateRequest.loras)",
+    )
+    lim.add_argument(
         "--max-queue",
         type=int,
         default=engine.max_queue,
@@ -145,6 +151,7 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
             max_prompt_chars=args.max_prompt_chars,
             max_request_work=args.max_request_work,
             max_lora_rank=args.max_lora_rank,
+            max_loras_per_request=args.max_loras_per_request,
         ),
     )
 
@@ -185,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     sec.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--example-adapter",
+        type=Path,
+        default=None,
+        help="on the embedded default model, write a PEFT adapter that fits it at this path first, unless the path "
+        "exists (scripts/serve.sh: ./loras/lora_adapter)",
+    )
     gateway = sub.add_parser("gateway", help="run the REST gateway (OpenAI-style JSON) in front of a gRPC server")
     from omni_grpc_gateway.cli import add_gateway_flags
 
@@ -199,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soak_flags(soak)
     soak.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    example = sub.add_parser(
+        "example-adapter", help="write a PEFT adapter that fits the embedded default model (never overwrites)"
+    )
+    example.add_argument("path", type=Path, nargs="?", default=Path("loras/lora_adapter"))
+    example.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
+    example.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
@@ -219,6 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         if (config.tls_cert is None) != (config.tls_key is None):
             print("omni-grpc serve: --tls-cert and --tls-key go together", file=sys.stderr)
             return 2
+        if args.example_adapter is not None and args.model is None:
+            from omni_grpc.tiny_models.example_adapter import write_example_adapter
+
+            try:
+                if write_example_adapter(args.example_adapter, args.cache_dir):
+                    logging.getLogger(__name__).info("wrote the example adapter to %s", args.example_adapter)
+            except OSError as exc:  # a convenience: never a reason not to serve
+                logging.getLogger(__name__).warning("could not write the example adapter: %s", exc)
         return asyncio.run(serve(config))
     if args.command == "gateway":
         from omni_grpc_gateway.cli import run as run_gateway
@@ -232,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         from omni_grpc.bench.soak import run as run_soak
 
         return run_soak(args)
+    if args.command == "example-adapter":
+        from omni_grpc.tiny_models.example_adapter import write_example_adapter
+
+        written = write_example_adapter(args.path, args.cache_dir)
+        print(f"{'wrote the example adapter to' if written else 'left alone what is at'} {args.path}")
+        return 0
     return 2
 
 

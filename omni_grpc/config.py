@@ -19,6 +19,8 @@ class Limits:
     max_request_work: int = 400
     max_prompt_chars: int = 10_000
     max_lora_scale: float = 10.0
+    # Adapters one request may compose (GenerateRequest.loras).
+    max_loras_per_request: int = 4
     max_guidance_scale: float = 100.0
     # Largest LoRA rank an adapter file may declare (checked from its header, before reading the tensors).
     max_lora_rank: int = 256

@@ -13,7 +13,9 @@ for dir in "${lora_dirs[@]}"; do
   mkdir -p "$dir"
   lora_flags+=(--lora-dirs "$dir")
 done
-omni-grpc serve --port "$grpc_port" "${lora_flags[@]}" "$@" &
+# On the embedded default model, a first adapter for the README's commands at <first lora dir>/lora_adapter
+# (written once; whatever is there is left alone).
+omni-grpc serve --port "$grpc_port" "${lora_flags[@]}" --example-adapter "${lora_dirs[0]}/lora_adapter" "$@" &
 server=$!
 # shellcheck disable=SC2086  # OMNI_GATEWAY_FLAGS is a list of flags
 omni-grpc gateway --host "${OMNI_GATEWAY_HOST:-127.0.0.1}" --port "${OMNI_GATEWAY_PORT:-8091}" \

@@ -259,6 +259,19 @@ def rpc_error(call: Callable[..., object], *args: Any, **kwargs: Any) -> grpc.Rp
     return info.value
 
 
+def field_violation(error: grpc.RpcError) -> str | None:
+    """The field an INVALID_ARGUMENT's google.rpc.BadRequest detail names."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return str(bad.field_violations[0].field)
+    return None
+
+
 def load(server: Server, path: str | Path, **kwargs: Any) -> pb.LoadAdapterResponse:
     return server.stub.LoadAdapter(pb.LoadAdapterRequest(path=str(path), **kwargs), timeout=60)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import DiffusionPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline, UNet2DConditionModel
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
@@ -47,6 +47,19 @@ def make_peft_adapter(
                 param.normal_(0.0, magnitude)
     peft_model.save_pretrained(out)
     return out
+
+
+def to_diffusers_file(peft_dir: Path, out_dir: Path) -> Path:
+    """Convert a PEFT folder (of the SD3 transformer) into diffusers' own LoRA format, with diffusers' own writer."""
+    tensors = {
+        k.removeprefix("base_model.model."): v for k, v in load_file(peft_dir / "adapter_model.safetensors").items()
+    }
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    metadata = {k: config[k] for k in ("r", "lora_alpha", "target_modules")}
+    StableDiffusion3Pipeline.save_lora_weights(
+        out_dir, transformer_lora_layers=tensors, transformer_lora_adapter_metadata=metadata
+    )
+    return out_dir / "pytorch_lora_weights.safetensors"
 
 
 def edit_config(adapter: Path, **changes: object) -> None:

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from omni_grpc.engine import adapter_files, safetensors_reader
+from omni_grpc.engine import adapter_files, peft_config, safetensors_reader
 from omni_grpc.engine.adapter_files import AdapterReader, AdapterWeights
 from omni_grpc.errors import FailedPrecondition, InvalidArgument, NotFound, OmniError
 
@@ -37,7 +37,9 @@ def read_adapter(path: str, *, max_rank: int | None = None) -> AdapterWeights:
 
 def tensors_of(adapter: AdapterWeights) -> dict[str, torch.Tensor]:
     return {
-        f"{module}.{part}": t for module, pair in adapter.modules.items() for part, t in zip("AB", pair, strict=True)
+        f"{module}.{part}": t
+        for (_, module), pair in adapter.modules.items()
+        for part, t in zip("AB", pair, strict=True)
     }
 
 
@@ -116,7 +118,7 @@ def test_valid_files_load(tmp_path: Path) -> None:
     saved = read_adapter(str(write_peft(tmp_path / "saved", r=4)), max_rank=4)  # at the cap is fine
     assert saved.rank == 4 and saved.alpha == 4.0
     by_hand = read_adapter(str(peft_with_weights(tmp_path / "by_hand", safetensors_bytes(good_header()))))
-    assert by_hand.rank == 2 and list(by_hand.modules) == ["transformer_blocks.0.attn.to_q"]
+    assert by_hand.rank == 2 and list(by_hand.modules) == [("transformer", "transformer_blocks.0.attn.to_q")]
     diffusers = tmp_path / "lora.safetensors"
     save_file(tensors_for(3, prefix="transformer."), diffusers)
     assert read_adapter(str(diffusers), max_rank=3).rank == 3
@@ -221,7 +223,7 @@ def test_negative_or_garbage_offsets(tmp_path: Path, offsets: Any, words: str) -
         ("shape", [-2, 3], "shape [-2, 3]; want a list of integers >= 0"),
         ("shape", "2x3", "shape '2x3'; want a list of integers >= 0"),
         ("shape", [2.0, 3], "shape [2.0, 3]; want a list of integers >= 0"),
-        ("dtype", "I64", "dtype 'I64'; allowed: F32, F16, BF16"),
+        ("dtype", "F64", "dtype 'F64'; allowed: F32, F16, BF16, I64, I32"),
         ("dtype", ["F32"], "dtype ['F32']; allowed"),
     ],
 )
@@ -230,6 +232,15 @@ def test_bad_shape_or_dtype(tmp_path: Path, field: str, value: Any, words: str) 
     header[KEY_A][field] = value
     message = refused(peft_with_weights(tmp_path / "a", safetensors_bytes(header)))
     assert f"tensor '{KEY_A}' has {words}" in message
+
+
+def test_integer_weights_are_refused(tmp_path: Path) -> None:
+    # Integers are read only for a Kohya module's alpha; a LoRA weight of them is no adapter.
+    header = good_header()
+    header[KEY_A] = header_entry([2, 3], [0, 48], "I64")
+    header[KEY_B] = header_entry([4, 2], [48, 80])
+    message = refused(peft_with_weights(tmp_path / "a", safetensors_bytes(header, bytes(80))))
+    assert f"tensor '{KEY_A}' has dtype I64; weights must be F32, F16, BF16 (only a module's alpha" in message
 
 
 def test_too_many_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -561,7 +572,7 @@ _JSON = st.recursive(
         st.sampled_from(
             [
                 *("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "peft_type"),
-                *adapter_files._UNSUPPORTED_FEATURES,
+                *peft_config.UNSUPPORTED_FEATURES,
             ]
         ),
         _JSON,

@@ -74,14 +74,20 @@ def test_client_id_and_name_conflicts(server: Server, fresh: Path, model_dir: Pa
     # The same name bound to another path.
     error = rpc_error(load, server, other, name=mine.name)
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and mine.name in error.details()
-    # The same path asked for under another id or name.
+    # The same path asked for under another id: an id never changes.
     error = rpc_error(load, server, fresh, id=99)
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "424242" in error.details()
-    # A request with a path and a conflicting id fails the same way, and nothing changed.
-    request = pb.GenerateRequest(prompt=PROMPT, lora_request=pb.LoraRequest(path=str(other), id=424242))
-    assert rpc_error(server.stub.Generate, request, timeout=60).code() == grpc.StatusCode.ALREADY_EXISTS
-    assert listed(server)[mine.name].id == 424242
+    # A request's id and name are labels for a first load: taken ones do not fail it. It is served under the
+    # path's derived id and a default name, and the reply names the adapter as registered.
+    small = pb.SamplingParams(height=32, width=32, num_inference_steps=2, seed=1)
+    request = pb.GenerateRequest(
+        prompt=PROMPT, sampling_params=small, lora_request=pb.LoraRequest(path=str(other), id=424242, name=mine.name)
+    )
+    reply = server.stub.Generate(request, timeout=60)
+    assert reply.adapter.id == derive_adapter_id(str(other)) and reply.adapter.name == other.name
+    assert listed(server)[mine.name].id == 424242 and listed(server)[other.name].id == reply.adapter.id
     unload(server, name=mine.name)
+    unload(server, name=other.name)
 
 
 def test_unknown_name_and_id(server: Server) -> None:

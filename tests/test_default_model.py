@@ -19,6 +19,7 @@ from omni_grpc.tiny_models import sd3
 from omni_grpc.tiny_models.clip_tokenizer import write_clip_tokenizer
 from omni_grpc.tiny_models.default import DEFAULT_MODEL_TAG, default_model_dir
 from omni_grpc.tiny_models.sd3 import SMALL_SD3, TinySD3Spec, build_tiny_sd3
+from tests.lora_factory import reference_image
 from tests.tiny_sd15 import build_tiny_sd15
 
 PROMPT = "a photo of a cat sitting on a red chair"
@@ -192,3 +193,23 @@ def test_default_model_dir_concurrent_builder_wins(tmp_path: Path, monkeypatch: 
     assert default_model_dir(tmp_path) == final
     assert (final / "model_index.json").read_text() == "theirs"
     assert [p.name for p in tmp_path.iterdir()] == [DEFAULT_MODEL_TAG]
+
+
+def test_example_adapter_is_reproducible_never_overwrites_and_fits_the_default_model(
+    model_dir: Path, cache_root: Path, tmp_path: Path
+) -> None:
+    from omni_grpc.tiny_models.example_adapter import write_example_adapter
+
+    first, second = tmp_path / "a" / "lora_adapter", tmp_path / "b" / "lora_adapter"
+    assert write_example_adapter(first, cache_root) and write_example_adapter(second, cache_root)
+    assert _tree_bytes(first) == _tree_bytes(second) and set(_tree_bytes(first)) == {
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    (second / "adapter_config.json").write_text("mine")
+    assert not write_example_adapter(second, cache_root)
+    assert (second / "adapter_config.json").read_text() == "mine"  # left alone
+    # peft loads it into the embedded model (every module it names exists), and it shows in the image.
+    base = reference_image(model_dir, prompt=PROMPT, seed=3, steps=2)
+    assert not np.array_equal(reference_image(model_dir, prompt=PROMPT, seed=3, steps=2, adapter=first), base)

@@ -8,11 +8,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from omni_grpc.v1 import omni_pb2 as pb
-from tests.helpers import PROMPT, Server, rpc_error
+from tests.helpers import PROMPT, Server, field_violation, rpc_error
 from tests.lora_factory import assert_close_image, decode, mean_abs_diff, reference_image
 
 STEPS = 3
@@ -152,15 +150,6 @@ def test_preloaded_by_name_id_and_path_without_reload(server: Server, preloaded:
     assert after.tier == pb.ADAPTER_TIER_DEVICE and after.hits >= pre.hits + 3 and after.evictions == 0
 
 
-def _field_violation(error: grpc.RpcError) -> str | None:
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else []:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            return bad.field_violations[0].field
-    return None
-
-
 @pytest.mark.parametrize(
     ("sampling", "field", "words"),
     [
@@ -183,7 +172,7 @@ def test_invalid_sampling_params(server: Server, sampling: dict, field: str, wor
     error = rpc_error(server.stub.Generate, pb.GenerateRequest(prompt=PROMPT, sampling_params=params), timeout=30)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.details() and words in error.details()
-    assert _field_violation(error) == field
+    assert field_violation(error) == field
 
 
 def test_invalid_prompt_and_scale_and_format(server: Server, style_a: Path) -> None:

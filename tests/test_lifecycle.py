@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +20,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from omni_grpc.config import EngineConfig, ServerConfig
 from omni_grpc.engine.engine import Engine
@@ -24,7 +29,6 @@ from omni_grpc.service import server as server_module
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
 from tests.helpers import REPO, listed, start_server, wait_for
-from tests.lora_factory import make_peft_adapter
 
 
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_zero(
@@ -119,22 +123,56 @@ def test_health_is_not_serving_until_the_model_is_loaded(cache_root: Path, monke
     assert codes == [0]
 
 
-def test_the_readme_run_command_serves_grpc_and_the_gateway(cache_root: Path, model_dir: Path, tmp_path: Path) -> None:
-    """`bash scripts/serve.sh`: both processes up, both answering; SIGTERM stops both, exit 0."""
+# The guide's "Call API with curl", character for character; the README must carry it unchanged.
+GUIDE_CURL = r"""curl -X POST "${SERVER}/v1/chat/completions" \
+  -H "Content-Type: application/json" \
+  -d "{
+    \"model\": \"stabilityai/stable-diffusion-3.5-medium\",
+    \"messages\": [{\"role\": \"user\", \"content\": \"${PROMPT}\"}],
+    \"lora_request\": {
+      \"path\": \"${LORA_PATH}\",
+      \"name\": \"${LORA_NAME}\",
+      \"scale\": ${LORA_SCALE}
+    },
+    \"sampling_params\": {
+      \"height\": 1024,
+      \"width\": 1024,
+      \"num_inference_steps\": 50
+    }
+  }"
+"""
+
+
+def readme_curl_block() -> str:
+    """The README's first shell block after "the guide's curl command works as written"."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("```bash\n", text.index("the guide's curl command"))
+    return text[start + len("```bash\n") : text.index("```", start + 3)]
+
+
+def test_the_readme_run_command_and_its_curl_block_work_as_written(cache_root: Path, tmp_path: Path) -> None:
+    """`bash scripts/serve.sh` in an empty folder, then the README's curl block verbatim (only the port is
+    this test's): the example adapter it names exists, both processes answer; SIGTERM stops both, exit 0."""
+    block = readme_curl_block()
+    assert GUIDE_CURL in block and "export LORA_PATH=$PWD/loras/lora_adapter" in block
     grpc_port, http_port = free_port(), free_port()
-    loras = tmp_path / "loras"
-    adapter = make_peft_adapter(model_dir, loras / "lora_adapter", rank=2, alpha=2, seed=5)
     env = {
         **os.environ,
-        "OMNI_LORA_DIRS": str(loras),
         "OMNI_GRPC_PORT": str(grpc_port),
         "OMNI_GATEWAY_PORT": str(http_port),
         # The venv running these tests, already installed by the README's test command.
         "OMNI_GRPC_VENV": str(Path(sys.executable).parent.parent),
     }
+    # serve.sh's default adapter folder is ./loras of the checkout, the README's `$PWD/loras` when run from
+    # there; here both are this test's folder.
+    env["OMNI_LORA_DIRS"] = str(tmp_path / "loras")
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(
-        ["bash", "scripts/serve.sh", "--cache-dir", str(cache_root)], cwd=REPO, env=env, stdout=log, stderr=log
+        ["bash", str(REPO / "scripts/serve.sh"), "--cache-dir", str(cache_root)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=log,
     )
     try:
         url = f"http://127.0.0.1:{http_port}"
@@ -144,13 +182,20 @@ def test_the_readme_run_command_serves_grpc_and_the_gateway(cache_root: Path, mo
                     break
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             time.sleep(0.2)
-        body = {
-            "messages": [{"role": "user", "content": "x"}],
-            "lora_request": {"path": str(adapter), "name": "my_lora"},
-            "sampling_params": {"height": 64, "width": 64, "num_inference_steps": 2},
-        }
-        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
-        assert reply.status_code == 200 and reply.json()["omni"]["adapter"]["name"] == "my_lora", reply.text
+        assert (tmp_path / "loras/lora_adapter/adapter_model.safetensors").is_file()
+        assert shutil.which("curl"), "curl is needed to run the README's command"
+        script = block.replace("localhost:8091", f"127.0.0.1:{http_port}")
+        done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        body = json.loads(done.stdout)
+        assert "error" not in body, body
+        assert body["object"] == "chat.completion" and body["model"] == "omni-grpc/tiny-sd3"
+        adapter = body["omni"]["adapter"]
+        assert adapter["name"] == "my_lora" and adapter["path"] == str(tmp_path / "loras/lora_adapter"), adapter
+        assert body["omni"]["num_inference_steps"] == 50
+        png = base64.b64decode(body["choices"][0]["message"]["content"][0]["image_url"]["url"].split(",", 1)[1])
+        with Image.open(io.BytesIO(png)) as image:
+            assert image.size == (1024, 1024)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             info = omni_pb2_grpc.OmniServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
         assert info.model == "omni-grpc/tiny-sd3" and info.default_height == 64 and info.spatial_multiple == 16

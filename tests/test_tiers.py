@@ -15,6 +15,7 @@ from omni_grpc.bench.fixtures import write_adapter as write_bench_adapter
 from omni_grpc.config import EngineConfig
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import AdapterInfo, GenerateRequest, LoraRequest, SamplingParams
+from omni_grpc.errors import AlreadyExists, InvalidArgument
 from omni_grpc.tiny_models.sd3 import TinySD3Spec
 
 
@@ -142,3 +143,70 @@ def test_thousand_adapters_ten_thousand_requests_memory_bounded(
     assert growth < limit, f"resident memory grew by {growth / 2**20:.1f} MiB (limit {limit / 2**20:.1f} MiB)"
     total = sum(i.use_count for i in engine.list_adapters())
     assert total == 11_000
+
+
+# ---- files that change on disk, and names ------------------------------------------------------------------------
+
+
+def push_to_disk(engine: Engine, name: str, tmp_path: Path) -> None:
+    for i in range(6):  # 2 on the device + 3 in host memory: six newer adapters put it on disk
+        use(engine, write_adapter(tmp_path / f"newer{i}", 200 + i))
+    assert table(engine)[name].tier == "disk"
+
+
+def test_a_file_changed_on_disk_is_read_as_a_new_version(engine: Engine, tmp_path: Path) -> None:
+    path = write_adapter(tmp_path / "a", seed=1, rank=2)
+    engine.load_adapter(str(path))
+    old = image(engine, "a")
+    before = table(engine)["a"]
+    push_to_disk(engine, "a", tmp_path)
+    write_adapter(path, seed=2, rank=4)  # replaced while only its metadata is held
+    new = image(engine, "a")
+    after = table(engine)["a"]
+    assert (before.version, before.rank) == (1, 2)
+    # The new file whole, with fresh metadata: as if loaded fresh from another path.
+    assert (after.version, after.rank, after.size_bytes, after.loads) == (2, 4, 2 * before.size_bytes, 2)
+    twin = write_adapter(tmp_path / "twin", seed=2, rank=4)
+    engine.load_adapter(str(twin))
+    assert np.array_equal(new, image(engine, "twin")) and not np.array_equal(new, old)
+    # Read again unchanged: the same version.
+    push_to_disk(engine, "a", tmp_path / "again")
+    assert np.array_equal(image(engine, "a"), new) and table(engine)["a"].version == 2
+
+
+def test_a_file_broken_on_disk_takes_its_adapter_out_of_the_table(engine: Engine, tmp_path: Path) -> None:
+    path = write_adapter(tmp_path / "b", seed=1)
+    engine.load_adapter(str(path))
+    push_to_disk(engine, "b", tmp_path)
+    (path / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InvalidArgument, match=r"safetensors header of .* bytes exceeds"):
+        image(engine, "b")
+    assert "b" not in table(engine)  # never served half old and half new; a later fixed file loads afresh
+    write_adapter(path, seed=3)
+    engine.load_adapter(str(path))
+    assert table(engine)["b"].version == 1
+
+
+def test_load_adapter_of_a_changed_file_reloads_it_and_may_rename(engine: Engine, tmp_path: Path) -> None:
+    path = write_adapter(tmp_path / "c", seed=1, rank=2)
+    info, _ = engine.load_adapter(str(path))
+    old = image(engine, "c")
+    write_adapter(path, seed=5, rank=3)
+    # A request by path does not re-read an adapter held in memory: the file is read when it is next read.
+    assert np.array_equal(image(engine, "c"), old)
+    # An admin loading the path again gets the new version at once, and may give it a new name.
+    again, newly = engine.load_adapter(str(path), name="renamed")
+    assert not newly and (again.id, again.name, again.version, again.rank) == (info.id, "renamed", 2, 3)
+    assert "c" not in table(engine) and not np.array_equal(image(engine, "renamed"), old)
+    # A request's name is a label: it never renames, and a request naming the path with another name is
+    # served by the adapter as registered.
+    result = engine.generate(
+        GenerateRequest(
+            prompt="tiers",
+            sampling=SamplingParams(height=32, width=32, num_inference_steps=2, seed=3),
+            lora=LoraRequest(path=str(path), name="label"),
+        )
+    )
+    assert result.adapter is not None and (result.adapter.name, result.adapter.id) == ("renamed", info.id)
+    with pytest.raises(AlreadyExists, match="an id never changes"):
+        engine.load_adapter(str(path), adapter_id=info.id + 1)

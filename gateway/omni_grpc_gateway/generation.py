@@ -23,6 +23,6 @@ async def generate(
         if any(adapter.name == model for adapter in listing.adapters):
             select_adapter_by_model(generation, model)
     response = await rpc(client.generate(generation.request), request=request, params=generation.params)
-    request.state.adapter = response.adapter.name if response.HasField("adapter") else "-"
+    request.state.adapter = ",".join(adapter.name for adapter in response.adapters) or "-"
     request.state.images = len(response.images)
     return response

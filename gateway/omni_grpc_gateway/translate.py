@@ -39,7 +39,7 @@ class Generation:
 
     @property
     def has_adapter(self) -> bool:
-        return self.request.HasField("lora_request")
+        return self.request.HasField("lora_request") or len(self.request.loras) > 0
 
 
 def prompt_from_messages(messages: list[ChatMessage]) -> str:
@@ -82,8 +82,18 @@ def generation_request(
             "use one: lora_request + sampling_params, or lora + flat fields",
             param=flat[0],
         )
+    single = next((name for name in ("lora_request", "lora") if getattr(body, name) is not None), None)
+    if body.loras is not None and single is not None:
+        raise ApiError(
+            400, f"give loras or {single}, not both ({single} is the same as a one-element loras)", param="loras"
+        )
     request = pb.GenerateRequest(prompt=prompt, output_format=_OUTPUT_FORMATS[body.output_format])
-    params = {"prompt": prompt_param}
+    params = {"prompt": prompt_param, "loras": "loras"}
+    for index, item in enumerate(body.loras or []):
+        lora = request.loras.add()
+        _set_lora(lora, path=item.path, name=item.name, scale=item.scale, adapter_id=item.id)
+        params[f"loras[{index}]"] = f"loras.{index}"
+        params.update({f"loras[{index}].{key}": f"loras.{index}.{key}" for key in ("path", "name", "scale", "id")})
     if nested:
         _fill_nested(body, request)
         params["negative_prompt"] = "sampling_params.negative_prompt"
@@ -107,7 +117,7 @@ def generation_request(
 def _fill_nested(body: GenerationFields, request: pb.GenerateRequest) -> None:
     if body.lora_request is not None:
         lr = body.lora_request
-        _set_lora(request, path=lr.path, name=lr.name, scale=lr.scale, adapter_id=lr.id)
+        _set_lora(request.lora_request, path=lr.path, name=lr.name, scale=lr.scale, adapter_id=lr.id)
     if body.sampling_params is not None:
         sp = body.sampling_params
         if sp.negative_prompt is not None:
@@ -126,7 +136,7 @@ def _fill_nested(body: GenerationFields, request: pb.GenerateRequest) -> None:
 def _fill_flat(body: GenerationFields, request: pb.GenerateRequest, params: dict[str, str]) -> None:
     if body.lora is not None:
         lora = body.lora
-        _set_lora(request, path=lora.local_path, name=lora.name, scale=lora.scale, adapter_id=lora.int_id)
+        _set_lora(request.lora_request, path=lora.local_path, name=lora.name, scale=lora.scale, adapter_id=lora.int_id)
         params.update(_FLAT_LORA_PARAMS)
     height, width = body.height, body.width
     if body.size is not None:
@@ -161,9 +171,8 @@ def parse_size(size: str) -> tuple[int | None, int | None]:
 
 
 def _set_lora(
-    request: pb.GenerateRequest, *, path: str | None, name: str | None, scale: float | None, adapter_id: int | None
+    lr: pb.LoraRequest, *, path: str | None, name: str | None, scale: float | None, adapter_id: int | None
 ) -> None:
-    lr = request.lora_request
     lr.SetInParent()
     if path:
         lr.path = path
@@ -196,14 +205,12 @@ def b64(image: pb.Image) -> str:
 
 
 def generation_info(response: pb.GenerateResponse) -> GenerationInfo:
-    adapter = None
-    if response.HasField("adapter"):
-        a = response.adapter
-        adapter = AppliedAdapterOut(id=a.id, name=a.name, path=a.path, scale=a.scale)
+    adapters = [AppliedAdapterOut(id=a.id, name=a.name, path=a.path, scale=a.scale) for a in response.adapters]
     t = response.timings
     return GenerationInfo(
         seeds=[image.seed for image in response.images],
-        adapter=adapter,
+        adapter=adapters[0] if response.HasField("adapter") and adapters else None,
+        adapters=adapters,
         num_inference_steps=response.num_inference_steps,
         guidance_scale=response.guidance_scale,
         batch_size=response.batch_size,

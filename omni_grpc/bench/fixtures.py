@@ -72,3 +72,30 @@ def write_adapter(
 
 def adapter_set(root: Path, model: BenchModel, count: int, rank: int = 8) -> list[Path]:
     return [write_adapter(root / f"{model.name}-r{rank}-{i:04d}", model.spec, rank=rank, seed=i) for i in range(count)]
+
+
+def write_lycoris_file(
+    file: Path, spec: TinySD3Spec, *, algorithm: str, rank: int, seed: int, targets: tuple[str, ...] = SD3_TARGETS
+) -> Path:
+    """A LyCORIS file in its `lycoris_<module>` names on the same modules as `write_adapter`: a LoHa
+    (two rank-`rank` pairs, Hadamard product) or a LoKr (a full 16x16 `lokr_w1` Kronecker a rank-`rank`
+    factorised `lokr_w2`), alpha = rank."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = spec.inner_dim
+    small = 16  # LoKr's factor: dim = 16 x (dim / 16)
+    tensors = {}
+    for layer in range(spec.num_layers):
+        for target in targets:
+            key = f"lycoris_transformer_blocks_{layer}_attn_{target.replace('.', '_')}"
+            if algorithm == "loha":
+                for w in ("w1", "w2"):
+                    tensors[f"{key}.hada_{w}_a"] = torch.randn(dim, rank, generator=gen) * 0.1
+                    tensors[f"{key}.hada_{w}_b"] = torch.randn(rank, dim, generator=gen) / rank**0.5
+            else:
+                tensors[f"{key}.lokr_w1"] = torch.randn(small, small, generator=gen) * 0.1
+                tensors[f"{key}.lokr_w2_a"] = torch.randn(dim // small, rank, generator=gen) * 0.1
+                tensors[f"{key}.lokr_w2_b"] = torch.randn(rank, dim // small, generator=gen) / rank**0.5
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, file)
+    return file

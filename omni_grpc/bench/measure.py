@@ -1,4 +1,4 @@
-"""The six measurements. Each returns rows of (what, ours, baseline, ratio, goal), measured side by side."""
+"""The seven measurements. Each returns rows of (what, ours, baseline, ratio, goal), measured side by side."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from omni_grpc.bench.baseline import DiffusersBaseline
-from omni_grpc.bench.fixtures import BenchModel, adapter_set
+from omni_grpc.bench.fixtures import BenchModel, adapter_set, write_adapter, write_lycoris_file
 from omni_grpc.config import EngineConfig, ServerConfig
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
@@ -163,9 +163,8 @@ def batch_across_adapters(model: BenchModel, root: Path, *, batch: int, size: in
     )
 
 
-def _step_times(engine: Engine, size: int, key: str, repeat: int) -> tuple[float, float]:
-    """Seconds per denoising step (one guided denoiser forward, batch 2) without and with adapter `key`,
-    interleaved so drift on a shared machine hits both alike."""
+def _steps(engine: Engine, size: int, *keys: str | None) -> list[Callable[[], None]]:
+    """One denoising step (one guided denoiser forward, batch 2) with each adapter of `keys` (None: none)."""
     denoiser = engine.pipeline.denoiser
     cfg: Any = denoiser.config  # a diffusers FrozenDict of the model's settings
     latent = size // engine.pipeline.pipe.vae_scale_factor
@@ -178,21 +177,35 @@ def _step_times(engine: Engine, size: int, key: str, repeat: int) -> tuple[float
         "return_dict": False,
     }
 
-    def forward() -> None:
-        with torch.inference_mode():
-            denoiser(**inputs)
+    def step(key: str | None) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                if key is None:
+                    denoiser(**inputs)
+                    return
+                with engine.lora.applied([[(key, 1.0)]]):
+                    denoiser(**inputs)
 
-    def adapted() -> None:
-        with engine.lora.applied([(key, 1.0)]):
-            forward()
+        return run
 
-    forward()
-    adapted()
-    base, lora = [], []
+    return [step(key) for key in keys]
+
+
+def _interleaved(first: Callable[[], None], second: Callable[[], None], repeat: int) -> tuple[float, float]:
+    """Median seconds of each, run turn about so drift on a shared machine hits both alike."""
+    first()
+    second()
+    a, b = [], []
     for _ in range(repeat):
-        base.append(_median_time(forward, 1))
-        lora.append(_median_time(adapted, 1))
-    return statistics.median(base), statistics.median(lora)
+        a.append(_median_time(first, 1))
+        b.append(_median_time(second, 1))
+    return statistics.median(a), statistics.median(b)
+
+
+def _step_times(engine: Engine, size: int, key: str, repeat: int) -> tuple[float, float]:
+    """Seconds per denoising step without and with adapter `key`."""
+    base, adapted = _steps(engine, size, None, key)
+    return _interleaved(base, adapted, repeat)
 
 
 def switching_and_step(model: BenchModel, root: Path, *, size: int, iterations: int, repeat: int) -> list[Row]:
@@ -226,7 +239,7 @@ def switching_and_step(model: BenchModel, root: Path, *, size: int, iterations: 
             def switch(names: list[str] = names) -> None:
                 for i in range(iterations):
                     lease = table.acquire(LoraRequest(name=names[i % len(names)], scale=0.5 + (i % 3) * 0.25))
-                    with lora.applied([(lease.entry.internal_name, lease.scale)]):
+                    with lora.applied([[(lease.entry.internal_name, lease.scale)]]):
                         pass
                     lease.release()
 
@@ -243,6 +256,47 @@ def switching_and_step(model: BenchModel, root: Path, *, size: int, iterations: 
                     "admission + activation of an adapter already loaded, per request",
                 )
             )
+    finally:
+        engine.close()
+    return rows
+
+
+def lycoris_step(model: BenchModel, root: Path, *, size: int, repeat: int, rank: int = 8) -> list[Row]:
+    """A denoising step with a LoHa and with a LoKr of rank `rank` (applied as their exact delta W, factored
+    at load into one pair per module) against a step with a LoRA of that rank on the same modules."""
+    lora = write_adapter(root / f"{model.name}-step-lora", model.spec, rank=rank, seed=7)
+    files = {
+        algorithm: write_lycoris_file(
+            root / f"{model.name}-step-{algorithm}.safetensors", model.spec, algorithm=algorithm, rank=rank, seed=8
+        )
+        for algorithm in ("loha", "lokr")
+    }
+    engine = _engine(model)
+    rows = []
+    try:
+        table = engine._adapters  # noqa: SLF001 - the slots as the worker applies them, timed without admission
+        lora_lease = table.acquire(LoraRequest(path=str(lora)))
+        for algorithm, file in files.items():
+            lease = table.acquire(LoraRequest(path=str(file)))
+            slots = engine.lora._slots[lease.entry.internal_name]  # noqa: SLF001 - the rank the hooks run at
+            pair_rank = max(m.a.shape[0] for slot in slots.values() for m in slot.modules.values())
+            with_lora, with_lycoris = _steps(engine, size, lora_lease.entry.internal_name, lease.entry.internal_name)
+            step_lora, step_lycoris = _interleaved(with_lora, with_lycoris, repeat)
+            lease.release()
+            rows.append(
+                Row(
+                    f"denoising step with a {'LoHa' if algorithm == 'loha' else 'LoKr'} (rank {rank}, as a rank-"
+                    f"{pair_rank} pair) vs a LoRA of rank {rank} ({model.name}, {size}px)",
+                    step_lycoris,
+                    step_lora,
+                    "s/step",
+                    step_lycoris / step_lora,
+                    "<= 1.05",
+                    step_lycoris / step_lora <= 1.05,
+                    "LyCORIS step / LoRA step",
+                )
+            )
+        lora_lease.release()
     finally:
         engine.close()
     return rows

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         small = models["small"]
         rows.append(measure.batch_across_adapters(small, root, **profile["batch"]))
         rows.extend(measure.switching_and_step(small, root, **profile["switch"]))
+        switch = profile["switch"]
+        rows.extend(measure.lycoris_step(small, root, size=switch["size"], repeat=switch["repeat"]))
         for rank in (16, 64):
             rows.extend(measure.cold_load_and_memory(small, root, rank=rank, **profile["load"]))
     meta = {

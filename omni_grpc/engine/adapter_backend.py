@@ -1,5 +1,5 @@
-"""The adapter table's backend on a real pipeline: read an adapter's files, check it fits the denoiser,
-attach it to the per-sample LoRA layers, move it between memory tiers.
+"""The adapter table's backend on a real pipeline: read an adapter's files, check it fits the pipeline's
+parts, attach it to the per-sample LoRA layers, move it between memory tiers.
 
 Reading, converting and (de)registering adapters happen on the calling thread, so loads never queue
 behind running batches; only a module's first hook needs the worker that owns the model. Loads in
@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from omni_grpc.engine.adapter_files import AdapterLayout, AdapterReader
+from omni_grpc.engine.adapter_math import Shape
 from omni_grpc.engine.adapters import LoadedAdapter, Tier
-from omni_grpc.engine.lora_layers import MultiLora
+from omni_grpc.engine.file_layouts import Naming
+from omni_grpc.engine.lora_set import LoraSet
 from omni_grpc.engine.path_policy import PathPolicy
 from omni_grpc.engine.worker import Worker
-from omni_grpc.errors import InvalidArgument, ResourceExhausted
+from omni_grpc.errors import ResourceExhausted
 
 LOADING_BYTES_FLAG = "--max-loading-bytes"
 
@@ -83,37 +85,32 @@ class _Session:
         self.held += nbytes
 
 
-class DenoiserFit:
-    """The denoiser's verdict on an adapter's layout, given before its tensors are read: module names and
-    shapes, a byte cap sized to the model, and room in the loading budget."""
+class PipelineFit:
+    """The pipeline's verdict on an adapter's layout, given before its tensors are read: components, module
+    names and shapes, then room in the loading budget for what the load will allocate."""
 
-    def __init__(self, lora: MultiLora, max_adapter_bytes: int, session: _Session) -> None:
+    def __init__(self, lora: LoraSet, session: _Session) -> None:
         self._lora = lora
-        self._max_bytes = max_adapter_bytes
         self._session = session
+        self.naming: Naming = lora
         self.max_abs_weight = lora.max_abs_weight
 
-    def check(self, layout: AdapterLayout) -> None:
-        self._lora.check_fits(layout)  # names the first module that does not fit: the most useful refusal
-        nbytes = layout.nbytes
-        if nbytes > self._max_bytes:  # what fits can be no larger; a guard should a format declare more
-            raise InvalidArgument(
-                f"adapter {layout.path!r} declares {nbytes} bytes of weights; no adapter of this model within the "
-                f"rank limit can be larger than {self._max_bytes}",
-                field="path",
-            )
-        # Read into tensors, then converted to the model's dtype and device: at most twice the file's data.
-        self._session.reserve(2 * nbytes, f"adapter {layout.path!r}")
+    def check(self, layout: AdapterLayout) -> dict[str, Shape]:
+        deltas = self._lora.check_layout(layout)  # names the first module that does not fit: the most useful refusal
+        # The file's tensors as read, then their exact pairs (float32; the same memory for a float32 LoRA), from
+        # which the slots are made in the model's dtype.
+        nbytes = layout.nbytes + self._lora.pair_bytes(layout, deltas)
+        self._session.reserve(nbytes, f"adapter {layout.path!r}")
+        return deltas
 
 
 class PipelineAdapters:
     def __init__(
-        self, worker: Worker[Any], lora: MultiLora, max_rank: int, paths: PathPolicy, budget: LoadingBudget
+        self, worker: Worker[Any], lora: LoraSet, max_rank: int, paths: PathPolicy, budget: LoadingBudget
     ) -> None:
         self._worker = worker
         self._lora = lora
         self._max_rank = max_rank
-        self._max_bytes = lora.max_adapter_bytes(max_rank)
         self._paths = paths
         self.budget = budget
 
@@ -121,26 +118,32 @@ class PipelineAdapters:
         # Operators' adapters (--lora-path) may live anywhere; clients' only inside --lora-dirs.
         may_open = None if self._paths.is_operator_path(path) else self._paths.may_open
         with self.budget.session() as session:
-            fit = DenoiserFit(self._lora, self._max_bytes, session)
+            fit = PipelineFit(self._lora, session)
             weights = AdapterReader(max_rank=self._max_rank, may_open=may_open, fit=fit).read(path)
-            slot = self._lora.make_slot(weights)
+            slots = self._lora.make_slots(weights)
             loaded = LoadedAdapter(
                 format=weights.format,
                 rank=weights.rank,
                 alpha=weights.alpha,
                 target_modules=weights.target_modules,
-                size_bytes=slot.nbytes,
-                num_layers=len(slot.modules),
+                size_bytes=sum(slot.nbytes for slot in slots.values()),
+                num_layers=sum(len(slot.modules) for slot in slots.values()),
+                components=sorted({self._lora.display_name(c) for c in slots}, key=_denoiser_first),
+                files=weights.files,
             )
             del weights  # the tensors as read go now, within the budget, not when this frame ends
-        if self._lora.needs_hooks(slot):
-            self._worker.call(lambda: self._lora.install_hooks(slot))
-        self._lora.attach(internal_name, slot)
+        if self._lora.needs_hooks(slots):
+            self._worker.call(lambda: self._lora.install_hooks(slots))
+        self._lora.attach(internal_name, slots)
         return loaded
 
     def unload(self, internal_name: str) -> None:
-        # Immediate: a running batch keeps its own reference to the slot until it ends.
+        # Immediate: a running batch keeps its own reference to the slots until it ends.
         self._lora.detach(internal_name)
 
     def move(self, internal_name: str, tier: Tier) -> None:
         self._lora.move(internal_name, self._lora.device if tier is Tier.DEVICE else self._lora.host_device)
+
+
+def _denoiser_first(component: str) -> tuple[bool, str]:
+    return component != "denoiser", component

@@ -1,26 +1,36 @@
-"""Adapter files on disk: which format a path holds (a PEFT folder, a diffusers LoRA file), and its config.
+"""Adapter files on disk: which layout a path holds (a PEFT folder, a diffusers file, a Kohya/A1111 or LyCORIS
+file, diffusers' old attention-processor file), its config, and its tensors as exact low-rank pairs.
 
-This module knows file formats, not the model: it returns the LoRA tensors keyed by module name, with the
-scaling peft would give each module. Whether the modules fit the base model is judged by a `ModelFit` the
-caller gives, from the header alone: everything that can be refused from a file's names, shapes, ranks,
-sizes and config is refused before a byte of its tensor data is read. Every failure is an OmniError naming
-the file, and holds no reference to tensors read before it (their memory is returned at once).
+This module knows file formats, not the model: the model's part is a `ModelFit` the caller gives. It names
+the components a file may adapt and the modules Kohya names stand for (`Naming`), and judges the layout from
+the header alone: everything that can be refused from a file's names, shapes, ranks, sizes and config is
+refused before a byte of its tensor data is read. What is read comes back as `AdapterWeights`: one pair
+(A, B) per adapted module of each component, delta W = scaling x B @ A, whatever the file's algorithm.
+Every failure is an OmniError naming the file, and holds no reference to tensors read before it (their
+memory is returned at once).
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeGuard
+from typing import Any, Protocol
 
 import torch
 
+from omni_grpc.engine import adapter_math, file_layouts, peft_config
+from omni_grpc.engine.adapter_math import Shape
+from omni_grpc.engine.file_layouts import ModuleSource, Naming, NoModel
 from omni_grpc.engine.safetensors_reader import (
+    FLOAT_DTYPES,
+    FileStamp,
     MayOpen,
     SafetensorsFile,
     TensorInfo,
+    current_stamp,
     open_safetensors,
     parse_json,
     read_json,
@@ -35,34 +45,12 @@ DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # diffusers keeps the LoraConfig of each component in this safetensors metadata entry.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
-# Prefixes of the denoiser's keys in diffusers LoRA files.
-DENOISER_PREFIXES = ("transformer", "unet")
-PEFT_KEY_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1 << 20
-# The server flag that sets the reader's max_rank, named in the errors it causes.
-MAX_RANK_FLAG = "--max-lora-rank"
-_MODULE_KEY = re.compile(r"^[A-Za-z0-9_.]{1,256}$")
-# alpha / r beyond this is no adapter anyone trained: refused as absurd (its product with a request's scale
-# must stay well inside float16's range too).
-MAX_SCALING = 1000.0
-
-# Config fields whose non-neutral value changes the math in ways this engine does not apply.
-_UNSUPPORTED_FEATURES: dict[str, tuple[Any, ...]] = {
-    "use_dora": (False, None),
-    "lora_bias": (False, None),
-    "bias": ("none", None),
-    "modules_to_save": (None, []),
-    "layer_replication": (None, []),
-    "fan_in_fan_out": (False, None),
-    "trainable_token_indices": (None, [], {}),
-    "target_parameters": (None, []),
-    "alora_invocation_tokens": (None, []),
-    "use_qalora": (False, None),
-    "use_bdlora": (None, False),
-    "arrow_config": (None,),
-    "kasa_config": (None,),
-    "monteclora_config": (None,),
-}
+# alpha / r beyond this is no adapter anyone trained (see peft_config).
+MAX_SCALING = peft_config.MAX_SCALING
+MAX_RANK_FLAG = peft_config.MAX_RANK_FLAG
+# One adapted module of one component of the pipeline: ("unet", "mid_block.attentions.0.proj_in").
+ModuleKey = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -71,14 +59,17 @@ class AdapterLayout:
 
     path: str
     format: AdapterFormat
-    # Module name (relative to the denoiser) -> (lora_A, lora_B) as the header declares them.
-    modules: dict[str, tuple[TensorInfo, TensorInfo]]
-    # Module name -> alpha / r for that module (peft's rule, patterns included).
-    scalings: dict[str, float]
+    file: Path
+    sources: tuple[ModuleSource, ...]
+    infos: Mapping[str, TensorInfo]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.end - a.begin + b.end - b.begin for a, b in self.modules.values())
+        """The file's tensor data: what reading it allocates."""
+        return sum(info.end - info.begin for info in self.infos.values())
+
+    def shapes(self, source: ModuleSource) -> dict[str, Shape]:
+        return {role: self.infos[key].shape for role, key in source.keys.items()}
 
 
 class ModelFit(Protocol):
@@ -86,9 +77,11 @@ class ModelFit(Protocol):
 
     # The largest |weight| x scaling its dtype computes with safely; beyond it only overflow can come out.
     max_abs_weight: float
+    naming: Naming
 
-    def check(self, layout: AdapterLayout) -> None:
-        """Raise an OmniError (FailedPrecondition, ResourceExhausted, ...) if the adapter cannot be loaded."""
+    def check(self, layout: AdapterLayout) -> dict[str, Shape]:
+        """The weight shape each module of the file makes a delta for (by its name in the file), all its target
+        rows counted; raise an OmniError (FailedPrecondition, ResourceExhausted, ...) if it cannot be loaded."""
 
 
 @dataclass
@@ -97,18 +90,21 @@ class AdapterWeights:
 
     path: str
     format: AdapterFormat
-    # Module name (relative to the denoiser) -> (lora_A weight, lora_B weight).
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    # The config's lora_alpha (modules may override it with alpha_pattern).
+    # (component, module) -> the exact pair (A, B) of its delta, float32: delta W = scaling x B @ A.
+    modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]]
+    scalings: dict[ModuleKey, float]
+    # The config's lora_alpha; for per-module alphas (Kohya) the most common one.
     alpha: float
-    # target_modules as the adapter's own config names them (for display).
+    # The rank the file declares (the largest over its modules).
+    rank: int
+    # target_modules as the adapter's own config names them, else the kinds of module it adapts.
     target_modules: list[str]
-    # Module name -> alpha / r for that module (peft's rule, patterns included).
-    scalings: dict[str, float]
+    # Each file read, with the version of it that was read: a changed file is told by it later.
+    files: tuple[tuple[str, FileStamp], ...]
 
     @property
-    def rank(self) -> int:
-        return max(a.shape[0] for a, _ in self.modules.values())
+    def components(self) -> list[str]:
+        return sorted({component for component, _ in self.modules})
 
     @property
     def size_bytes(self) -> int:
@@ -119,7 +115,8 @@ class AdapterReader:
     """Reads adapters: ranks up to `max_rank` (None: no limit), files only where `may_open` allows.
 
     `may_open` is asked about the real path of every file opened (PermissionDenied when it says no).
-    `read` raises only InvalidArgument, FailedPrecondition, NotFound or PermissionDenied for bad input.
+    `read` raises only InvalidArgument, FailedPrecondition, NotFound or PermissionDenied for bad input
+    (ResourceExhausted from a fit's memory budget).
     """
 
     def __init__(
@@ -128,6 +125,7 @@ class AdapterReader:
         self.max_rank = max_rank
         self.may_open = may_open
         self.fit = fit
+        self.naming: Naming = fit.naming if fit is not None else NoModel()
 
     def read(self, path: str) -> AdapterWeights:
         """The adapter at `path`: a PEFT folder, a folder with a diffusers file, or a .safetensors file."""
@@ -153,7 +151,7 @@ class AdapterReader:
             )
         if p.is_dir():
             if (p / DIFFUSERS_WEIGHTS).is_file() and not (p / PEFT_CONFIG).exists():
-                return self._read_diffusers_file(p / DIFFUSERS_WEIGHTS, str(p))
+                return self._read_file(p / DIFFUSERS_WEIGHTS, str(p))
             return self._read_peft_folder(p)
         if p.suffix in PICKLE_SUFFIXES:
             raise InvalidArgument(
@@ -164,10 +162,12 @@ class AdapterReader:
         if p.suffix != ".safetensors":
             raise InvalidArgument(
                 f"adapter path {shown(path)} is neither a PEFT folder ({PEFT_CONFIG} + {PEFT_WEIGHTS}) nor a "
-                "diffusers .safetensors LoRA file",
+                ".safetensors LoRA file (diffusers, Kohya/A1111, LyCORIS)",
                 field="path",
             )
-        return self._read_diffusers_file(p, str(p))
+        return self._read_file(p, str(p))
+
+    # ---- layouts ------------------------------------------------------------------------------------
 
     def _read_peft_folder(self, folder: Path) -> AdapterWeights:
         config_path = folder / PEFT_CONFIG
@@ -192,263 +192,270 @@ class AdapterReader:
                 field="path",
             )
 
-        config = self._read_config(config_path)
-        self._check_config(config, config_path)  # before the weights: a bad config costs no tensor read
+        config, config_stamp = read_json(config_path, MAX_CONFIG_BYTES, self.may_open)
+        config = _lora_config(config, config_path)
+        peft_config.check_config(config, config_path, self.max_rank)  # a bad config costs no tensor read
         with open_safetensors(weights_path, self.may_open) as weights:
-            self._check_ranks(weights.header.tensors, weights_path)
-            infos: dict[str, TensorInfo] = {}
-            for key, info in weights.header.tensors.items():
-                if not key.startswith(PEFT_KEY_PREFIX):
-                    raise InvalidArgument(
-                        f"{weights_path}: key {shown(key)} is not in PEFT form "
-                        f"('{PEFT_KEY_PREFIX}<module>.lora_A.weight')"
-                    )
-                infos[key.removeprefix(PEFT_KEY_PREFIX)] = info
-            layout = self._layout(str(folder), AdapterFormat.PEFT, infos, config, config_path, weights.file)
-            return self._load(weights, layout, config, prefix=PEFT_KEY_PREFIX)
+            infos = weights.header.tensors
+            self._check_ranks_and_dtypes(infos, weights_path, None)
+            sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
+            sources = _configured(sources, infos, config, config_path)
+            layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos)
+            adapter = self._load(weights, layout, _display_alpha(config), _display_targets(config, sources))
+        if current_stamp(config_path) != config_stamp:  # half an old config with new weights is no adapter
+            raise InvalidArgument(f"{config_path} changed while the adapter was being read; retry once it is written")
+        adapter.files = ((str(config_path), config_stamp), *adapter.files)
+        return adapter
 
-    def _read_diffusers_file(self, file: Path, path: str) -> AdapterWeights:
+    def _read_file(self, file: Path, path: str) -> AdapterWeights:
         with open_safetensors(file, self.may_open) as weights:
-            header = weights.header
-            self._check_ranks(header.tensors, file)
-            prefixes = {key.split(".", 1)[0] for key in header.tensors}
-            foreign = sorted(prefixes - set(DENOISER_PREFIXES))
-            if foreign:
-                raise FailedPrecondition(
-                    f"{file}: keys under {shown(foreign[0] + '.')} are not supported; only LoRA layers of the "
-                    f"denoiser ({' or '.join(DENOISER_PREFIXES)}) can be applied (text-encoder LoRA is not served)"
-                )
-            if len(prefixes) != 1:
-                raise InvalidArgument(f"{file}: keys mix the prefixes {sorted(prefixes)}")
-            prefix = prefixes.pop() + "."
-            infos = {key.removeprefix(prefix): info for key, info in header.tensors.items()}
-            config: dict[str, Any] = {}
-            raw = header.metadata.get(DIFFUSERS_METADATA_KEY)
-            if raw:
-                packed = parse_json(raw, f"{file}: metadata '{DIFFUSERS_METADATA_KEY}'")
-                if not isinstance(packed, dict):
-                    raise InvalidArgument(f"{file}: metadata '{DIFFUSERS_METADATA_KEY}' is not a JSON object")
-                config = {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)}
+            infos = weights.header.tensors
+            fmt = file_layouts.kind_of(infos, in_peft_folder=False)
+            if fmt is None:
+                raise file_layouts.unknown_layout(file, infos)
+            if fmt is AdapterFormat.DIFFUSERS:
+                sources, alpha, targets = self._diffusers_layout(weights, file)
+            elif fmt is AdapterFormat.DIFFUSERS_OLD:
+                sources = file_layouts.old_diffusers_sources(infos, file, self.naming)
+                alpha, targets = None, _display_targets({}, sources)
+            else:
+                sources = file_layouts.kohya_sources(infos, file, self.naming)
+                alpha, targets = None, _display_targets({}, sources)
+            self._check_ranks_and_dtypes(infos, file, sources)
+            layout = AdapterLayout(path, fmt, file, tuple(sources), infos)
+            return self._load(weights, layout, alpha, targets)
+
+    def _diffusers_layout(self, weights: SafetensorsFile, file: Path) -> tuple[list[ModuleSource], float, list[str]]:
+        """`save_lora_weights` files: each component's keys under its name, its LoraConfig in the metadata."""
+        header = weights.header
+        self._check_ranks_and_dtypes(header.tensors, file, None)  # before a config inferred from them
+        by_component: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in header.tensors.items():
+            by_component.setdefault(key.split(".", 1)[0], {})[key] = info
+        foreign = sorted(set(by_component) - set(self.naming.components))
+        if foreign:
+            raise FailedPrecondition(
+                f"{file}: keys under {shown(foreign[0] + '.')} adapt a part this model does not have; it has "
+                f"{', '.join(sorted(self.naming.components))}"
+            )
+        packed: dict[str, Any] = {}
+        raw = header.metadata.get(DIFFUSERS_METADATA_KEY)
+        if raw:
+            parsed = parse_json(raw, f"{file}: metadata '{DIFFUSERS_METADATA_KEY}'")
+            if not isinstance(parsed, dict):
+                raise InvalidArgument(f"{file}: metadata '{DIFFUSERS_METADATA_KEY}' is not a JSON object")
+            packed = parsed
+        sources: list[ModuleSource] = []
+        alphas: list[float] = []
+        targets: set[str] = set()
+        for component in sorted(by_component):
+            infos = by_component[component]
+            prefix = component + "."
+            found = file_layouts.peft_sources(infos, file, component, prefix=prefix)
+            config = {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)}
             if "r" not in config:
                 # Without a stored config diffusers assumes alpha == r; so do we, consistently.
-                rank = max((info.shape[0] for key, info in infos.items() if key.endswith(".lora_A.weight")), default=1)
+                rank = max(infos[s.keys["lora_down.weight"]].shape[0] for s in found)
                 config = {"r": rank, "lora_alpha": rank, **config}
-            self._check_config(config, file)
-            layout = self._layout(path, AdapterFormat.DIFFUSERS, infos, config, file, file)
-            return self._load(weights, layout, config, prefix=prefix)
+            peft_config.check_config(config, file, self.max_rank)
+            sources += _configured(found, infos, config, file)
+            alphas.append(_display_alpha(config))
+            targets.update(_display_targets(config, found))
+        return sources, alphas[0], sorted(targets)
 
-    def _layout(
-        self,
-        path: str,
-        fmt: AdapterFormat,
-        infos: dict[str, TensorInfo],
-        config: dict[str, Any],
-        config_source: Path,
-        weights_file: Path,
-    ) -> AdapterLayout:
-        """The adapter from its header and a config that `_check_config` accepted; then the model's verdict."""
-        modules = _pair_modules(infos, weights_file)
-        layout = AdapterLayout(
-            path=path, format=fmt, modules=modules, scalings=_scalings(modules, config, config_source)
+    def _check_ranks_and_dtypes(
+        self, infos: Mapping[str, TensorInfo], file: Path, sources: list[ModuleSource] | None
+    ) -> None:
+        """Ranks over the cap and tensors of no float type are refused from the header."""
+        alpha_keys = {s.alpha_key for s in sources or () if s.alpha_key is not None}
+        for key in alpha_keys:
+            if math.prod(infos[key].shape) != 1:
+                shape = list(infos[key].shape)
+                raise InvalidArgument(f"{file}: {shown(key)} has shape {shape}; an alpha is one number")
+        for key, info in infos.items():
+            if key not in alpha_keys and info.dtype not in FLOAT_DTYPES:
+                raise InvalidArgument(
+                    f"{file}: tensor {shown(key)} has dtype {info.dtype}; weights must be {', '.join(FLOAT_DTYPES)} "
+                    "(only a module's alpha may be an integer)"
+                )
+        if self.max_rank is None:
+            return
+        if sources is None:  # PEFT keys: the rank is the first dimension of lora_A
+            for key, info in infos.items():
+                if key.endswith(".lora_A.weight") and info.shape and info.shape[0] > self.max_rank:
+                    self._over_cap(file, key, info.shape[0])
+            return
+        for source in sources:
+            role = adapter_math.rank_role(source.algorithm, source.keys)
+            rank_key = source.keys.get(role) if role is not None else None
+            rank_shape = infos[rank_key].shape if rank_key is not None else ()
+            if rank_key is not None and rank_shape and rank_shape[0] > self.max_rank:
+                self._over_cap(file, rank_key, rank_shape[0])
+
+    def _over_cap(self, file: Path, key: str, rank: int) -> None:
+        raise InvalidArgument(
+            f"{file}: tensor {shown(key)} has rank {rank}, above this server's limit of {self.max_rank} "
+            f"(set with {MAX_RANK_FLAG})"
         )
-        if self.fit is not None:
-            self.fit.check(layout)
-        return layout
+
+    # ---- reading ------------------------------------------------------------------------------------
 
     def _load(
-        self, weights: SafetensorsFile, layout: AdapterLayout, config: dict[str, Any], prefix: str
+        self, weights: SafetensorsFile, layout: AdapterLayout, alpha: float | None, targets: list[str]
     ) -> AdapterWeights:
-        """Read the tensors of a layout the model accepted, and check their values."""
+        """Judge the layout, read the tensors of one the model accepted, and make each module's exact pair."""
+        deltas = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
         tensors = weights.read()
         bound = self.fit.max_abs_weight if self.fit is not None else _FLOAT32_SAFE
-        modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for module in layout.modules:
-            a, b = tensors[f"{prefix}{module}.lora_A.weight"], tensors[f"{prefix}{module}.lora_B.weight"]
-            _check_values(weights.file, f"{prefix}{module}", a, b, layout.scalings[module], bound)
-            modules[module] = (a, b)
+        modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        scalings: dict[ModuleKey, float] = {}
+        ranks: list[int] = []
+        alphas: list[float] = []
+        for source in layout.sources:
+            parts = {role: tensors[key] for role, key in source.keys.items()}
+            rank = adapter_math.declared_rank(source.algorithm, layout.shapes(source))
+            scaling, module_alpha = _source_scaling(layout.file, source, tensors, rank)
+            ranks.append(rank)
+            alphas.append(module_alpha)
+            a, b = adapter_math.exact_pair(source.algorithm, parts, deltas[source.name])
+            if set(parts) == {"lora_down.weight", "lora_up.weight"}:  # the pair is the file's own two tensors
+                labels = tuple(f"tensor {shown(source.keys[role])}" for role in ("lora_down.weight", "lora_up.weight"))
+            else:  # made from its tensors: check them first, so that a NaN is blamed on its own key
+                for role, tensor in parts.items():
+                    _check_magnitude(layout.file, f"tensor {shown(source.keys[role])}", tensor, 1.0, math.inf)
+                labels = tuple(f"the {part} of module {shown(source.name)}'s delta" for part in ("A", "B"))
+            _check_magnitude(layout.file, labels[0], a, 1.0, bound)
+            _check_magnitude(layout.file, labels[1], b, scaling, bound)
+            for target in source.targets:
+                key = (target.component, target.module)
+                if key in modules:
+                    raise InvalidArgument(
+                        f"{layout.file}: module {shown(source.name)} adapts {target.component} {shown(target.module)}, "
+                        "which another module of the file adapts already"
+                    )
+                modules[key] = (a, _target_rows(b, target.rows, target.swap))
+                scalings[key] = scaling
+        del tensors  # the pairs keep what they need
         return AdapterWeights(
             path=layout.path,
             format=layout.format,
             modules=modules,
-            alpha=float(config.get("lora_alpha", config["r"])),
-            target_modules=_display_targets(config, modules),
-            scalings=layout.scalings,
+            scalings=scalings,
+            alpha=alpha if alpha is not None else Counter(alphas).most_common(1)[0][0],
+            rank=max(ranks),
+            target_modules=targets,
+            files=((str(layout.file), weights.stamp),),
         )
-
-    def _read_config(self, config_path: Path) -> dict[str, Any]:
-        config = read_json(config_path, MAX_CONFIG_BYTES, self.may_open)
-        if not isinstance(config, dict):
-            raise InvalidArgument(f"{config_path} must hold a JSON object, not {type(config).__name__}")
-        peft_type = config.get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise InvalidArgument(f"{config_path}: peft_type {shown(peft_type)} is not supported, only LORA")
-        return config
-
-    def _check_ranks(self, infos: dict[str, TensorInfo], file: Path) -> None:
-        """Ranks over the cap are refused from the header, before a tensor is read."""
-        if self.max_rank is None:
-            return
-        for key, info in infos.items():
-            if key.endswith(".lora_A.weight") and info.shape and info.shape[0] > self.max_rank:
-                raise InvalidArgument(
-                    f"{file}: tensor {shown(key)} has rank {info.shape[0]}, above this server's limit of "
-                    f"{self.max_rank} (set with {MAX_RANK_FLAG})"
-                )
-
-    def _check_rank_cap(self, rank: int, what: str, source: Path) -> None:
-        if self.max_rank is not None and rank > self.max_rank:
-            raise InvalidArgument(
-                f"{source}: {what} = {rank} is above this server's LoRA rank limit of {self.max_rank} "
-                f"(set with {MAX_RANK_FLAG})"
-            )
-
-    def _check_config(self, config: dict[str, Any], source: Path) -> None:
-        """The LoraConfig fields this engine uses, strictly typed; unsupported features are FailedPrecondition."""
-        for name, neutral in _UNSUPPORTED_FEATURES.items():
-            if name in config and config[name] not in neutral:
-                raise FailedPrecondition(f"{source}: '{name}' = {shown(config[name])} is not supported by this server")
-        rank = config.get("r")
-        if not _is_positive_int(rank):
-            raise InvalidArgument(f"{source}: 'r' must be a positive integer, got {shown(rank)}")
-        self._check_rank_cap(rank, "'r'", source)
-        alpha = config.get("lora_alpha", rank)
-        if not _is_finite_number(alpha):
-            raise InvalidArgument(f"{source}: 'lora_alpha' must be a finite number, got {shown(alpha)}")
-        # null stands for "not set" in the configs peft writes, as an absent field does.
-        targets = config.get("target_modules")
-        if targets is not None and not (
-            isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-        ):
-            raise InvalidArgument(
-                f"{source}: 'target_modules' must be a string or a list of strings, got {shown(targets)}"
-            )
-        rslora = config.get("use_rslora")
-        if rslora is not None and not isinstance(rslora, bool):
-            raise InvalidArgument(f"{source}: 'use_rslora' must be true or false, got {shown(rslora)}")
-        for name, valid, wanted in (
-            ("rank_pattern", _is_positive_int, "a positive integer"),
-            ("alpha_pattern", _is_finite_number, "a finite number"),
-        ):
-            patterns = config.get(name)
-            if patterns is None:
-                continue
-            if not isinstance(patterns, dict):
-                raise InvalidArgument(
-                    f"{source}: '{name}' must be an object of module patterns, got {type(patterns).__name__}"
-                )
-            for pattern, value in patterns.items():
-                if not valid(value):
-                    raise InvalidArgument(f"{source}: '{name}' {shown(pattern)} must be {wanted}, got {shown(value)}")
-                if name == "rank_pattern":
-                    self._check_rank_cap(value, f"'rank_pattern' {shown(pattern)}", source)
-                if not _MODULE_KEY.match(pattern):
-                    # peft reads these keys as regexes; running a file's own regex against its own module names
-                    # could backtrack for hours with the GIL held, so only plain module names are accepted.
-                    raise InvalidArgument(
-                        f"{source}: '{name}' key {shown(pattern)} is not a module name ([A-Za-z0-9_.], up to 256 "
-                        "characters); regular expressions are not accepted"
-                    )
-
-
-def _is_positive_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_finite_number(value: Any) -> TypeGuard[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer of hundreds of digits: no float holds it
-        return False
 
 
 # sqrt of float32's largest value: the default bound on |weight| x scaling when no model says otherwise.
 _FLOAT32_SAFE = math.sqrt(float(torch.finfo(torch.float32).max))
 
 
-def _pair_modules(infos: dict[str, TensorInfo], file: Path) -> dict[str, tuple[TensorInfo, TensorInfo]]:
-    """Module -> (lora_A, lora_B) from the header's names and shapes; anything else is refused."""
-    halves: dict[str, dict[str, TensorInfo]] = {}
-    for key in sorted(infos):
-        module, _, part = key.removesuffix(".weight").rpartition(".")
-        if not key.endswith(".weight") or part not in ("lora_A", "lora_B") or not module:
-            raise InvalidArgument(
-                f"{file}: key {shown(key)} is not a LoRA weight ('<module>.lora_A.weight' / "
-                "'<module>.lora_B.weight'); biases, DoRA magnitudes and other extras are not supported"
-            )
-        halves.setdefault(module, {})[part] = infos[key]
-    modules: dict[str, tuple[TensorInfo, TensorInfo]] = {}
-    for module, parts in halves.items():
-        if set(parts) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(parts)).pop()
-            raise InvalidArgument(f"{file}: module {shown(module)} has no {missing} weight")
-        a, b = parts["lora_A"], parts["lora_B"]
-        if len(a.shape) not in (2, 4) or len(b.shape) != len(a.shape) or a.shape[0] != b.shape[1]:
-            raise InvalidArgument(
-                f"{file}: module {shown(module)} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, "
-                "which do not form a low-rank pair"
-            )
-        modules[module] = (a, b)
-    return modules
+def _lora_config(config: Any, config_path: Path) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{config_path} must hold a JSON object, not {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise InvalidArgument(f"{config_path}: peft_type {shown(peft_type)} is not supported, only LORA")
+    return config
 
 
-def _scalings(
-    modules: dict[str, tuple[TensorInfo, TensorInfo]], config: dict[str, Any], source: Path
-) -> dict[str, float]:
-    """alpha / r of every module (peft's rule, patterns included), each finite and not absurd."""
-    rank, alpha = config["r"], config.get("lora_alpha", config["r"])
-    scalings: dict[str, float] = {}
-    for module, (a, _) in modules.items():
-        module_rank = _pattern_value(config.get("rank_pattern") or {}, module, rank)
-        pattern_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, None)
-        module_alpha = alpha if pattern_alpha is None else pattern_alpha
-        if a.shape[0] != module_rank:
-            raise InvalidArgument(
-                f"{source}: module {shown(module)} has rank {a.shape[0]} but the config says r={module_rank}"
-            )
-        root = math.sqrt(module_rank) if config.get("use_rslora") else module_rank
-        scaling = float(module_alpha) / root
-        if not abs(scaling) <= MAX_SCALING:
-            where = "'lora_alpha'" if pattern_alpha is None else "'alpha_pattern'"
-            raise InvalidArgument(
-                f"{source}: {where} gives module {shown(module)} the scaling alpha/r = {scaling:g}; a scaling beyond "
-                f"+-{MAX_SCALING:g} is refused (it only yields overflow)"
-            )
-        scalings[module] = scaling
-    return scalings
+def _configured(
+    sources: list[ModuleSource], infos: Mapping[str, TensorInfo], config: dict[str, Any], source_file: Path
+) -> list[ModuleSource]:
+    """PEFT sources with the scaling peft's rules give each module (patterns included)."""
+    return [
+        replace(
+            s,
+            scaling=peft_config.module_scaling(
+                config, s.name, _first_dim(infos[s.keys["lora_down.weight"]]), source_file
+            ),
+        )
+        for s in sources
+    ]
 
 
-def _display_targets(config: dict[str, Any], modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+def _first_dim(info: TensorInfo) -> int:
+    return info.shape[0] if info.shape else 0
+
+
+def _display_alpha(config: dict[str, Any]) -> float:
+    return float(config.get("lora_alpha", config["r"]))
+
+
+def _display_targets(config: dict[str, Any], sources: list[ModuleSource]) -> list[str]:
     """target_modules as the adapter's own config names them, or the module kinds it adapts."""
     declared = config.get("target_modules")
     if isinstance(declared, str):
         return [declared]
     if isinstance(declared, list):
         return sorted(declared)
-    return sorted({module.rsplit(".", 1)[-1] for module in modules})
+    return sorted({target.module.rsplit(".", 1)[-1] for s in sources for target in s.targets})
 
 
-def _check_values(file: Path, module: str, a: torch.Tensor, b: torch.Tensor, scaling: float, bound: float) -> None:
-    """No NaN or Inf, and no weight so large that (with its scaling) only overflow can come of it."""
-    for part, tensor, factor in (("lora_A", a, 1.0), ("lora_B", b, max(1.0, abs(scaling)))):
-        if tensor.numel() == 0:
-            continue
-        # One reduction that reads the tensor once and allocates nothing of its size; NaN propagates.
-        peak = float(torch.linalg.vector_norm(tensor, ord=math.inf))
-        name = shown(f"{module}.{part}.weight")
-        if not math.isfinite(peak):
-            raise InvalidArgument(f"{file}: tensor {name} contains NaN or Inf")
-        if peak * factor > bound:
+def _shapes_without_model(layout: AdapterLayout) -> dict[str, Shape]:
+    """With no model to ask, a LoRA pair's own shapes say the layer's: (out, in[, kh, kw])."""
+    shapes: dict[str, Shape] = {}
+    for source in layout.sources:
+        s = layout.shapes(source)
+        down, up = s.get("lora_down.weight"), s.get("lora_up.weight")
+        if source.algorithm != "lora" or down is None or up is None or "lora_mid.weight" in s:
+            raise FailedPrecondition(f"{layout.file}: module {shown(source.name)} can only be read against a model")
+        if len(down) not in (2, 4) or len(up) != len(down) or not up or up[1:2] != down[:1]:
             raise InvalidArgument(
-                f"{file}: tensor {name} holds values up to {peak:.3g} (x scaling {factor:g}); beyond {bound:.3g} the "
-                "model's dtype can only overflow"
+                f"{layout.file}: module {shown(source.name)} has lora_A {list(down)} and lora_B {list(up)}, which do "
+                "not form a low-rank pair"
             )
+        shapes[source.name] = (up[0], *down[1:])
+    return shapes
 
 
-def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
-    """peft's rank_pattern / alpha_pattern rule for plain names: a key matches a dotted suffix of the module."""
-    for key, value in patterns.items():  # every key checked to be a module name in _check_config
-        if module_name == key or module_name.endswith("." + key):
-            return value
-    return default
+def _source_scaling(
+    file: Path, source: ModuleSource, tensors: Mapping[str, torch.Tensor], rank: int
+) -> tuple[float, float]:
+    """A module's scaling and alpha: its config's (PEFT, diffusers), else its own alpha / declared rank (Kohya,
+    LyCORIS: no alpha, or a LoKr of two full factors, is scale 1)."""
+    if source.scaling is not None:
+        return source.scaling, source.scaling * rank
+    if source.alpha_key is None or rank == 0:
+        return 1.0, float(rank)
+    value = tensors[source.alpha_key]
+    if value.numel() != 1:
+        raise InvalidArgument(f"{file}: {shown(source.alpha_key)} holds {value.numel()} values; an alpha is one number")
+    alpha = float(value.reshape(()).item())
+    if not math.isfinite(alpha):
+        raise InvalidArgument(f"{file}: {shown(source.alpha_key)} is {alpha}, not a finite number")
+    scaling = alpha / rank
+    if not abs(scaling) <= MAX_SCALING:
+        raise InvalidArgument(
+            f"{file}: {shown(source.alpha_key)} = {alpha:g} gives module {shown(source.name)} the scaling alpha/r = "
+            f"{scaling:g}; a scaling beyond +-{MAX_SCALING:g} is refused (it only yields overflow)"
+        )
+    return scaling, alpha
+
+
+def _target_rows(b: torch.Tensor, rows: tuple[int, int] | None, swap: bool) -> torch.Tensor:
+    """The rows of a delta's B that one target takes (a fused qkv feeds three layers), halves exchanged if asked."""
+    if rows is not None:
+        b = b[rows[0] : rows[1]]
+    if swap:
+        half = b.shape[0] // 2
+        b = torch.cat([b[half:], b[:half]])
+    return b
+
+
+def _check_magnitude(file: Path, name: str, tensor: torch.Tensor, scaling: float, bound: float) -> None:
+    """No NaN or Inf, and no weight so large that (with its scaling) only overflow can come of it."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return
+    # One reduction that reads the tensor once and allocates nothing of its size; NaN propagates.
+    peak = float(torch.linalg.vector_norm(tensor, ord=math.inf))
+    factor = max(1.0, abs(scaling))
+    if not math.isfinite(peak):
+        raise InvalidArgument(f"{file}: {name} contains NaN or Inf")
+    if peak * factor > bound:
+        raise InvalidArgument(
+            f"{file}: {name} holds values up to {peak:.3g} (x scaling {factor:g}); beyond {bound:.3g} the "
+            "model's dtype can only overflow"
+        )

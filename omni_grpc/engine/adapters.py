@@ -13,6 +13,12 @@ up to `max_host`, and beyond that only on disk (the table keeps its metadata and
 request needs it). The least recently used adapters move down; pinned and held ones never do. Every
 move is counted per adapter (hits, loads, promotions, evictions). Keeping the tier counts up to date
 makes a hit O(1), whatever the number of adapters.
+
+Identity: an adapter is its (normalised) path. A request that names a loaded path is served by that
+adapter, whatever name or id it gives: those are labels for a first load, and a taken one is dropped for
+the derived id and a default name rather than failing the request. Only LoadAdapter renames.
+Versions: a re-read (from the disk tier, or LoadAdapter of a file that changed) replaces the adapter whole,
+with fresh metadata; changed files make it a new version; files that no longer load take it out of the table.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from omni_grpc.engine.path_policy import check_path_text
+from omni_grpc.engine.safetensors_reader import FileStamp, current_stamp
 from omni_grpc.engine.types import AdapterFormat, AdapterInfo, LoraRequest
 from omni_grpc.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from omni_grpc.quoting import loggable, shown
@@ -86,6 +94,14 @@ class LoadedAdapter:
     target_modules: list[str]
     size_bytes: int
     num_layers: int
+    # The parts of the model it adapts ("denoiser", "text_encoder", ...).
+    components: list[str] = field(default_factory=lambda: ["denoiser"])
+    # Each file read, with the version of it that was read.
+    files: tuple[tuple[str, FileStamp], ...] = ()
+
+    def changed_on_disk(self) -> bool:
+        """Whether a file it was read from has been replaced or changed since (a stat per file)."""
+        return any(current_stamp(Path(path)) != stamp for path, stamp in self.files)
 
 
 class AdapterBackend(Protocol):
@@ -119,6 +135,8 @@ class AdapterEntry:
     hits: int = 0
     promotions: int = 0
     evictions: int = 0
+    # 1 at the first load; one more each time a re-read found its files changed.
+    version: int = 1
     # Held while the entry's tensors move between tiers; taken before the table lock, never after.
     move_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -142,6 +160,8 @@ class AdapterEntry:
             hits=self.hits,
             promotions=self.promotions,
             evictions=self.evictions,
+            components=list(self.loaded.components),
+            version=self.version,
         )
 
 
@@ -269,6 +289,8 @@ class AdapterTable:
     def _load(
         self, path: str, name: str | None, adapter_id: int | None, *, pin: bool, hold: bool
     ) -> tuple[AdapterEntry, bool]:
+        """`hold`: a request's load by path. The path is the adapter's identity; a request's name and id are
+        labels for its first load, never a reason to fail it. Only an admin load (not `hold`) renames."""
         check_path_text(path)
         if name is not None:
             check_name(name)
@@ -278,29 +300,24 @@ class AdapterTable:
         while True:
             with self._lock:
                 existing = self._by_path.get(norm)
-                if existing is not None:
-                    self._check_same(existing.id, existing.name, adapter_id, name, norm)
+                if existing is None:
+                    pending, owner = self._pending_for_locked(norm, name, adapter_id, hold=hold)
+                elif hold:
+                    self._hold_locked(existing)
+                    return existing, False
+                else:
+                    self._check_id(existing.id, adapter_id, norm)
+                    if name is not None and name != existing.name:
+                        self._rename_locked(existing, name)
                     if pin:
                         existing.pinned = True
-                    if not hold:  # LoadAdapter of an adapter a request loaded: the admin's now
-                        existing.by_request = False
-                    if hold:
-                        self._hold_locked(existing)
-                    else:
-                        self._by_id.move_to_end(existing.id)
-                    return existing, False
-                pending = self._pending.get(norm)
-                owner = pending is None
-                if pending is not None:
-                    self._check_same(
-                        pending.id, pending.name if pending.explicit_name else None, adapter_id, name, norm
-                    )
-                else:
-                    new_id = adapter_id if adapter_id is not None else derive_adapter_id(norm)
-                    self._check_id_free_locked(new_id, norm)
-                    new_name = self._choose_name_locked(norm, new_id, name)
-                    pending = _Pending(new_id, new_name, explicit_name=name is not None)
-                    self._pending[norm] = pending
+                    existing.by_request = False  # LoadAdapter of an adapter a request loaded: the admin's now
+                    self._by_id.move_to_end(existing.id)
+                    if not (existing.loaded.changed_on_disk() and existing.tier is not Tier.DISK):
+                        return existing, False
+            if existing is not None:  # an admin loading a changed file again gets the new version now
+                self._reread(existing)
+                return existing, False
             if owner:
                 return self._read_and_register(norm, pending, pin=pin, hold=hold), True
             entry = pending.done.result()  # re-raises the loader's error for every waiter
@@ -310,8 +327,51 @@ class AdapterTable:
                         entry.pinned = True
                     if hold:
                         self._hold_locked(entry)
+                    elif name is not None and name != entry.name:
+                        self._rename_locked(entry, name)
                     return entry, False
             # Evicted or unloaded between its load and our hold: go round again.
+
+    def _pending_for_locked(
+        self, norm: str, name: str | None, adapter_id: int | None, *, hold: bool
+    ) -> tuple[_Pending, bool]:
+        """The load in progress of `norm` (joined) or a new one (owned: True)."""
+        pending = self._pending.get(norm)
+        if pending is None:
+            pending = self._pending[norm] = self._new_pending_locked(norm, name, adapter_id, labels_only=hold)
+            return pending, True
+        if not hold:
+            self._check_id(pending.id, adapter_id, norm)
+            if name is not None and pending.explicit_name and name != pending.name:
+                raise AlreadyExists(
+                    f"adapter at {shown(norm)} is being loaded under the name '{pending.name}', not {shown(name)}",
+                    field="name",
+                )
+        return pending, False
+
+    def _new_pending_locked(
+        self, norm: str, name: str | None, adapter_id: int | None, *, labels_only: bool
+    ) -> _Pending:
+        """The id and name of a first load. With `labels_only` (a request), a taken id or name is dropped for
+        the derived id and a default name; for an admin it is ALREADY_EXISTS."""
+        derived = derive_adapter_id(norm)
+        if adapter_id is not None and labels_only and not self._id_free_locked(adapter_id, norm):
+            adapter_id = None
+        new_id = adapter_id if adapter_id is not None else derived
+        self._check_id_free_locked(new_id, norm)
+        if name is not None and labels_only and name in self._taken_names_locked():
+            name = None
+        return _Pending(new_id, self._choose_name_locked(norm, new_id, name), explicit_name=name is not None)
+
+    def _rename_locked(self, entry: AdapterEntry, name: str) -> None:
+        holder = self._by_name.get(name)
+        if holder is not None or name in {p.name for p in self._pending.values()}:
+            whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
+            raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
+        log.info("adapter renamed id=%d name=%s new_name=%s", entry.id, entry.name, name)
+        del self._by_name[entry.name]
+        entry.name = name
+        self._by_name[name] = entry
 
     def _read_and_register(self, norm: str, pending: _Pending, *, pin: bool, hold: bool) -> AdapterEntry:
         with self._lock:
@@ -423,22 +483,58 @@ class AdapterTable:
                 if tier is Tier.DEVICE:
                     entry.hits += 1
                     return
-            if tier is Tier.HOST:
-                self._backend.move(entry.internal_name, Tier.DEVICE)
-            else:
-                self._backend.load(entry.path, entry.internal_name)
+            if tier is Tier.DISK:
+                self._reread_locked(entry)
+                return
+            self._backend.move(entry.internal_name, Tier.DEVICE)
             with self._lock:
-                if tier is Tier.HOST:
-                    entry.promotions += 1
-                else:
-                    entry.loads = self._loads_by_path[entry.path] = self._loads_by_path.get(entry.path, 0) + 1
+                entry.promotions += 1
                 self._set_tier_locked(entry, Tier.DEVICE)
-            log.info(
-                "adapter %s id=%d name=%s",
-                "promoted to the device" if tier is Tier.HOST else "re-read from disk",
-                entry.id,
-                entry.name,
-            )
+            log.info("adapter promoted to the device id=%d name=%s", entry.id, entry.name)
+
+    def _reread(self, entry: AdapterEntry) -> None:
+        with entry.move_lock:
+            self._reread_locked(entry)
+
+    def _reread_locked(self, entry: AdapterEntry) -> None:
+        """Read an entry's files again (from the disk tier, or changed on disk), under its move_lock: what comes
+        back replaces every part of the old version at once, with fresh metadata; a file that changed is a new
+        version, and one that no longer loads takes its adapter out of the table (no half of it is served)."""
+        try:
+            loaded = self._backend.load(entry.path, entry.internal_name)
+        except BaseException:
+            with self._lock:
+                removed = self._by_id.get(entry.id) is entry
+                if removed:
+                    self._remove_locked(entry)
+                    entry.retired = True
+                detach_now = removed and entry.in_use == 0 and entry.tier is not Tier.DISK
+            if detach_now:  # the old version's tensors (an admin's re-read of a changed file); held: at release
+                self._backend.unload(entry.internal_name)
+            if removed:
+                log.warning(
+                    "adapter removed: its files no longer load id=%d name=%s version=%d",
+                    entry.id,
+                    entry.name,
+                    entry.version,
+                )
+            raise
+        with self._lock:
+            changed = loaded.files != entry.loaded.files
+            if changed:
+                entry.version += 1
+            entry.loaded = loaded
+            entry.loads = self._loads_by_path[entry.path] = self._loads_by_path.get(entry.path, 0) + 1
+            self._set_tier_locked(entry, Tier.DEVICE)
+        log.info(
+            "adapter re-read from disk id=%d name=%s version=%d%s rank=%d bytes=%d",
+            entry.id,
+            entry.name,
+            entry.version,
+            " (its files changed)" if changed else "",
+            loaded.rank,
+            loaded.size_bytes,
+        )
 
     def _rebalance(self) -> None:
         """Move least recently used adapters down until every tier is within its bound."""
@@ -513,29 +609,31 @@ class AdapterTable:
             raise InvalidArgument("give the id or the name of the adapter")
         return entry
 
-    def _check_same(
-        self, bound_id: int, bound_name: str | None, adapter_id: int | None, name: str | None, norm: str
-    ) -> None:
+    def _check_id(self, bound_id: int, adapter_id: int | None, norm: str) -> None:
         if adapter_id is not None and adapter_id != bound_id:
             raise AlreadyExists(
-                f"adapter at {shown(norm)} is already loaded with id {bound_id}, not {adapter_id}", field="id"
-            )
-        if name is not None and bound_name is not None and name != bound_name:
-            raise AlreadyExists(
-                f"adapter at {shown(norm)} is already loaded under the name '{bound_name}', not {shown(name)}",
-                field="name",
+                f"adapter at {shown(norm)} is already loaded with id {bound_id}, not {adapter_id}; an id never "
+                "changes (the name may: LoadAdapter with a new name renames it)",
+                field="id",
             )
 
-    def _check_id_free_locked(self, adapter_id: int, norm: str) -> None:
+    def _id_free_locked(self, adapter_id: int, norm: str) -> bool:
         holder = self._by_id.get(adapter_id)
         other = holder.path if holder else next((p for p, w in self._pending.items() if w.id == adapter_id), None)
-        if other is not None and other != norm:
+        return other is None or other == norm
+
+    def _check_id_free_locked(self, adapter_id: int, norm: str) -> None:
+        if not self._id_free_locked(adapter_id, norm):
             # Named by its name, never its path: a client must not learn where another adapter lives.
+            holder = self._by_id.get(adapter_id)
             whose = f"the adapter '{holder.name}'" if holder else "an adapter being loaded"
             raise AlreadyExists(f"adapter id {adapter_id} is already bound to {whose}", field="id")
 
+    def _taken_names_locked(self) -> set[str]:
+        return set(self._by_name) | {p.name for p in self._pending.values()}
+
     def _choose_name_locked(self, norm: str, adapter_id: int, name: str | None) -> str:
-        taken = set(self._by_name) | {p.name for p in self._pending.values()}
+        taken = self._taken_names_locked()
         if name is not None:
             if name in taken:
                 holder = self._by_name.get(name)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from omni_grpc.engine.lora_layers import MultiLora
+from omni_grpc.engine.lora_set import LoraSet
 from omni_grpc.engine.pipeline import LoadedPipeline, run_pipeline
 from omni_grpc.engine.turns import Turns
 from omni_grpc.engine.types import Timings
@@ -36,9 +36,9 @@ class Work:
     """A request as the worker sees it."""
 
     request: ValidRequest
-    adapter_key: str | None
-    scale: float
-    # How errors name the request's adapter ("style#42@0.5"), or "" without one.
+    # The adapters it runs with, by internal key, each with its scale (none, one or several: they compose).
+    adapters: tuple[tuple[str, float], ...]
+    # How errors name the request's adapters ("style#42@0.5,ink#7@1"), or "" without one.
     adapter_label: str
     check: StopCheck
     submitted: float
@@ -85,7 +85,7 @@ def stop_check(cancelled: Callable[[], bool] | None, deadline: float | None) -> 
 class BatchRunner:
     """Runs batches on the worker thread; the worker calls it with the requests it put together."""
 
-    def __init__(self, pipeline: LoadedPipeline, lora: MultiLora, turns: Turns) -> None:
+    def __init__(self, pipeline: LoadedPipeline, lora: LoraSet, turns: Turns) -> None:
         self._pipeline = pipeline
         self._lora = lora
         self._turns = turns
@@ -132,7 +132,7 @@ class BatchRunner:
 
     def _run_together(self, live: list[BatchItem[Work]], started: float) -> None:
         """One pipeline call for `live`; fills each request's future."""
-        samples: list[tuple[str | None, float]] = []
+        samples: list[tuple[tuple[str, float], ...]] = []
         prompts: list[str] = []
         negatives: list[str] = []
         seeds: list[int] = []
@@ -140,7 +140,7 @@ class BatchRunner:
         for item in live:
             work = item.payload
             n = len(work.request.seeds)
-            samples += [(work.adapter_key, work.scale)] * n
+            samples += [work.adapters] * n
             prompts += [work.request.prompt] * n
             negatives += [work.request.negative_prompt] * n
             seeds += work.request.seeds
@@ -152,7 +152,8 @@ class BatchRunner:
         plan = self._lora.plan_for(samples)
 
         def resume() -> None:
-            # Another batch may have had the model since this one's last step: put this one's state back.
+            # Another batch may have had the model since this one's last step: put this one's state back. The
+            # text encoders' part of the plan applies while the pipeline encodes the prompts, in its first turn.
             self._lora.activate(plan)
             if used_guidance > 1:
                 pipeline.guidance.set(guidance, used_guidance)
@@ -214,8 +215,8 @@ def _non_finite(item: BatchItem[Work]) -> OmniError:
     """A sample whose values overflowed: that request fails alone, naming what it ran with."""
     if item.payload.adapter_label:
         return FailedPrecondition(
-            f"the denoiser produced non-finite values for this request after {item.steps_done} steps with adapter "
-            f"{item.payload.adapter_label}: the adapter's weights (or its scale) are too large for this model"
+            f"the denoiser produced non-finite values for this request after {item.steps_done} steps with adapters "
+            f"{item.payload.adapter_label}: their weights (or scales) are too large for this model"
         )
     return OmniError(f"the model produced non-finite values for this request after {item.steps_done} steps")
 

@@ -24,7 +24,7 @@ from omni_grpc.engine.adapter_backend import LoadingBudget, PipelineAdapters
 from omni_grpc.engine.adapters import AdapterLease, AdapterTable, normalize_path, parse_lora_spec
 from omni_grpc.engine.batch_runner import BatchRunner, Done, StopCheck, Work, stop_check
 from omni_grpc.engine.imaging import encode_image
-from omni_grpc.engine.lora_layers import MultiLora
+from omni_grpc.engine.lora_set import LoraSet
 from omni_grpc.engine.path_policy import PathPolicy
 from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline
 from omni_grpc.engine.types import (
@@ -33,9 +33,10 @@ from omni_grpc.engine.types import (
     GeneratedImage,
     GenerateRequest,
     GenerateResult,
+    LoraRequest,
     Timings,
 )
-from omni_grpc.engine.validation import ValidRequest, check_lora_scale, validate_request
+from omni_grpc.engine.validation import ValidRequest, requested_adapters, validate_request
 from omni_grpc.engine.worker import BatchItem, Worker
 from omni_grpc.errors import InvalidArgument, OmniError, ResourceExhausted, Unavailable
 from omni_grpc.quoting import loggable
@@ -52,7 +53,9 @@ class _Admission:
     arrived: float = field(default_factory=time.perf_counter)
     timings: Timings = field(default_factory=Timings)
     valid: ValidRequest | None = None
-    lease: AdapterLease | None = None
+    # The adapters it asked for, each with the field that names it, and those it holds (in that order).
+    requested: list[tuple[str, LoraRequest]] = field(default_factory=list)
+    leases: list[AdapterLease] = field(default_factory=list)
     item: BatchItem[Work] | None = None
     # NOT_RUN until it succeeds or fails (a batch mate's error can stop it from being waited for).
     outcome: str = "NOT_RUN"
@@ -84,7 +87,7 @@ class Engine:
         )
         self._pipeline: LoadedPipeline | None = None
         self._table: AdapterTable | None = None
-        self._lora: MultiLora | None = None
+        self._lora: LoraSet | None = None
         self._ready = threading.Event()
         self._request_ids = itertools.count(1)
         self._paths = PathPolicy(self.config.lora_dirs, allow_any=self.config.allow_any_lora_path)
@@ -112,7 +115,9 @@ class Engine:
                 served_name=cfg.served_model_name,
             )
         )
-        self._lora = MultiLora(pipeline.denoiser, pipeline.device, pipeline.dtype)
+        self._lora = LoraSet(
+            pipeline.lora_parts, pipeline.denoiser_component, pipeline.kohya_table, pipeline.device, pipeline.dtype
+        )
         self._worker.start_batching(BatchRunner(pipeline, self._lora, self._worker.turns))
         self._table = AdapterTable(
             PipelineAdapters(
@@ -141,8 +146,8 @@ class Engine:
         return self._pipeline
 
     @property
-    def lora(self) -> MultiLora:
-        """The adapters attached to the denoiser (for introspection; the worker owns them)."""
+    def lora(self) -> LoraSet:
+        """The adapters attached to the pipeline (for introspection; the worker owns them)."""
         if self._lora is None:
             raise Unavailable("the model is still loading")
         return self._lora
@@ -244,30 +249,28 @@ class Engine:
             self._outstanding -= count
 
     def _admit(self, admission: _Admission, check: StopCheck) -> None:
-        """Validate, fill in defaults and hold the adapter on the device; then the request can queue."""
+        """Validate, fill in defaults and hold the adapters on the device; then the request can queue."""
         request = admission.request
         try:
             self._require_ready()
             admission.valid = valid = validate_request(request, self.pipeline, self.config.limits)
-            if request.lora is not None:
-                check_lora_scale(request.lora, self.config.limits)
-                try:
-                    lora = request.lora
-                    real = self._paths.resolve(lora.path) if lora.path else None
-                    with _paths_as_sent(real, lora.path):
-                        admission.lease = self._adapters.acquire(dataclasses.replace(lora, path=real))
-                except OmniError as exc:
-                    # The table names its own fields ("path"); in a Generate they sit under lora_request.
-                    if exc.field in ("path", "name", "id", "scale"):
-                        exc.field = f"lora_request.{exc.field}"
-                    raise
+            admission.requested = requested_adapters(request, self.config.limits)
+            for field_name, lora in admission.requested:
+                lease = self._hold(field_name, lora)
+                admission.leases.append(lease)
+                earlier = next((i for i, held in enumerate(admission.leases[:-1]) if held.entry is lease.entry), None)
+                if earlier is not None:
+                    raise InvalidArgument(
+                        f"{field_name} names the same adapter as {admission.requested[earlier][0]} "
+                        f"('{lease.entry.name}'); give each adapter once, with the scale it should have",
+                        field=field_name,
+                    )
+            if admission.leases:
                 admission.timings.adapter_ms = (time.perf_counter() - admission.arrived) * 1000
-            lease = admission.lease
             work = Work(
                 request=valid,
-                adapter_key=lease.entry.internal_name if lease is not None else None,
-                scale=lease.scale if lease is not None else 0.0,
-                adapter_label=lease.label if lease is not None else "",
+                adapters=tuple((lease.entry.internal_name, lease.scale) for lease in admission.leases),
+                adapter_label=",".join(lease.label for lease in admission.leases),
                 check=check,
                 submitted=time.perf_counter(),
                 timings=admission.timings,
@@ -275,6 +278,20 @@ class Engine:
             admission.item = BatchItem(key=work.batch_key, size=len(valid.seeds), payload=work, steps=valid.steps)
         except BaseException as exc:
             admission.outcome = _outcome(exc)
+            raise
+
+    def _hold(self, field_name: str, lora: LoraRequest) -> AdapterLease:
+        """Find or load one adapter of a request and hold it on the device."""
+        try:
+            real = self._paths.resolve(lora.path) if lora.path else None
+            with _paths_as_sent(real, lora.path):
+                return self._adapters.acquire(dataclasses.replace(lora, path=real))
+        except OmniError as exc:
+            # The table names its own fields ("path"); in a Generate they sit under the request's field.
+            if exc.field in ("path", "name", "id", "scale"):
+                exc.field = f"{field_name}.{exc.field}"
+            elif exc.field is None or exc.field == "lora_request":
+                exc.field = field_name
             raise
 
     def _finish(self, admission: _Admission) -> GenerateResult:
@@ -299,15 +316,16 @@ class Engine:
             raise
         timings.total_ms = (time.perf_counter() - admission.arrived) * 1000
         admission.outcome = "OK"
-        applied = None
-        if admission.lease is not None:
-            entry = admission.lease.entry
-            # The path as this request gave it (none when it named the adapter): a reply shows no server path.
-            sent = request.lora.path if request.lora is not None else None
-            applied = AppliedAdapter(id=entry.id, name=entry.name, path=sent or "", scale=admission.lease.scale)
+        # Each named as registered, with the path as this request gave it (none when it named the adapter): a
+        # reply shows no server path.
+        applied = [
+            AppliedAdapter(id=lease.entry.id, name=lease.entry.name, path=lora.path or "", scale=lease.scale)
+            for lease, (_, lora) in zip(admission.leases, admission.requested, strict=True)
+        ]
         return GenerateResult(
             images=images,
-            adapter=applied,
+            adapter=applied[0] if len(applied) == 1 else None,
+            adapters=applied,
             timings=timings,
             num_inference_steps=valid.steps,
             guidance_scale=valid.guidance_scale,
@@ -316,24 +334,24 @@ class Engine:
         )
 
     def _close(self, admission: _Admission, future: Future[Any] | None = None) -> None:
-        """Release the request's adapter and write its log line."""
+        """Release the request's adapters and write its log line."""
         if future is not None:
             exc = future.exception()
             admission.outcome = "OK" if exc is None else _outcome(exc)
-        if admission.lease is not None:
-            admission.lease.release()
+        for lease in admission.leases:
+            lease.release()
         self._log_request(admission)
 
     def _log_request(self, admission: _Admission) -> None:
-        request, valid, lease = admission.request, admission.valid, admission.lease
-        if lease is not None:
-            adapter = lease.label
-        elif request.lora is not None:
-            # What the client sent, refused before it named an adapter: escaped, cut short.
-            lora = request.lora
-            adapter = loggable(lora.name or lora.path or (f"#{lora.id}" if lora.id is not None else "?"))
-        else:
-            adapter = "-"
+        request, valid = admission.request, admission.valid
+        # Those it holds by label; those refused before they named an adapter as the client sent them (escaped,
+        # cut short).
+        sent = admission.requested or [("", lora) for lora in ([request.lora] if request.lora else request.loras)]
+        labels = [lease.label for lease in admission.leases] + [
+            loggable(lora.name or lora.path or (f"#{lora.id}" if lora.id is not None else "?"))
+            for _, lora in sent[len(admission.leases) :]
+        ]
+        adapter = ",".join(labels) or "-"
         # A request refused by validation has not been validated.
         steps_done = admission.item.steps_done if admission.item is not None else 0
         shape = (

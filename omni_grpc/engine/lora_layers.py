@@ -1,9 +1,11 @@
-"""Apply many LoRA adapters to one denoiser, per sample, without changing its weights.
+"""Apply many LoRA adapters to one model part (a denoiser, a text encoder), per sample, without changing its
+weights.
 
 Each Linear/Conv2d that some adapter targets gets one forward hook, installed the first time an adapter
-names it. Before each of its steps a batch activates its `BatchPlan`: the adapter and scale of every sample.
-The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group of samples that share an adapter and a
-scale; samples without an adapter are left alone. With no plan the hooks return the base output untouched,
+names it. Before each of its steps a batch activates its `BatchPlan`: the adapters and scales of every
+sample (none, one or several). The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group of rows
+that run with an adapter at a scale, so a sample's adapters add up as diffusers' `set_adapters` composes
+them; samples without an adapter are left alone. With no plan the hooks return the base output untouched,
 so base results stay bit-identical to a model that never saw an adapter.
 
 Adapter tensors live in `AdapterSlot`s, outside the module tree: moving one between memory tiers is a
@@ -16,22 +18,13 @@ running batch holds the slots it uses, and the adapter table never drops or move
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from omni_grpc.engine.adapter_files import AdapterLayout, AdapterWeights
-from omni_grpc.errors import FailedPrecondition
-from omni_grpc.quoting import shown
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,37 +86,37 @@ class AdapterSlot:
 
 @dataclass
 class BatchPlan:
-    """The adapter slot (or None) and scale of each sample of one pipeline call.
+    """The adapters, each with its scale, of every sample of one pipeline call (none, one or several).
 
     The plan holds the slots themselves, so an adapter unloaded or moved while the call runs stays
     intact for that call.
     """
 
-    samples: Sequence[tuple[AdapterSlot | None, float]]
+    samples: Sequence[Sequence[tuple[AdapterSlot, float]]]
     _groups: dict[tuple[int, torch.device], list[tuple[AdapterSlot, float, torch.Tensor | None]]] = field(
         default_factory=dict
     )
 
     @property
     def has_adapters(self) -> bool:
-        return any(slot is not None for slot, _ in self.samples)
+        return any(self.samples)
 
     def groups(self, batch: int, device: torch.device) -> list[tuple[AdapterSlot, float, torch.Tensor | None]]:
-        """(slot, scale, row index or None for "all rows") for a denoiser batch of `batch` rows.
+        """(slot, scale, row index or None for "all rows") for a batch of `batch` rows: every row that runs
+        with an adapter at a scale, whatever else it runs with (the deltas of a sample's adapters add up).
 
-        Classifier-free guidance runs the denoiser on [uncond; cond], i.e. the samples repeated, so row
-        j belongs to sample j % len(samples).
+        Classifier-free guidance runs the denoiser on [uncond; cond], i.e. the samples repeated, and text
+        encoders run on the prompts, then on the negative prompts: so row j belongs to sample j % len(samples).
         """
         cached = self._groups.get((batch, device))
         if cached is not None:
             return cached
         n = len(self.samples)
         if batch % n:
-            raise RuntimeError(f"denoiser batch {batch} is not a multiple of the {n} planned samples")
+            raise RuntimeError(f"batch of {batch} rows is not a multiple of the {n} planned samples")
         rows: dict[tuple[int, float], tuple[AdapterSlot, list[int]]] = {}
         for row in range(batch):
-            slot, scale = self.samples[row % n]
-            if slot is not None:
+            for slot, scale in self.samples[row % n]:
                 rows.setdefault((id(slot), scale), (slot, []))[1].append(row)
         groups = [
             (slot, scale, None if len(idx) == batch else torch.tensor(idx, device=device))
@@ -134,78 +127,39 @@ class BatchPlan:
 
 
 class MultiLora:
-    """The adapters attached to one denoiser, by internal (per-load unique) key."""
+    """The adapters attached to one module tree (a denoiser, a text encoder), by internal (per-load unique)
+    key."""
 
-    def __init__(self, denoiser: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-        self._denoiser = denoiser
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         self._device = device
         # The host tier; on a CPU-only machine it is the same memory as the device tier.
         self.host_device = torch.device("cpu")
         self._dtype = dtype
+        self.model_name = type(model).__name__
         # Adapters never change the module tree, so one name -> module map serves every lookup.
-        self._modules = dict(denoiser.named_modules())
+        self._modules = dict(model.named_modules())
         self._slots: dict[str, AdapterSlot] = {}
         self._hooked: set[str] = set()
         self._plan: BatchPlan | None = None
 
     # ---- reading (any thread) -------------------------------------------------------------------
 
-    @property
-    def max_abs_weight(self) -> float:
-        """The largest |weight| x scaling this denoiser's dtype computes with: beyond, only overflow."""
-        return math.sqrt(float(torch.finfo(self._dtype).max))
+    def module(self, name: str) -> nn.Module | None:
+        return self._modules.get(name)
 
-    def max_adapter_bytes(self, max_rank: int) -> int:
-        """The most bytes an adapter of rank `max_rank` can hold on this denoiser (every layer adapted, F32)."""
-        total = 0
-        for module in self._modules.values():
-            shapes = _expected_shapes(module, max_rank)
-            if shapes is not None:
-                total += 4 * sum(math.prod(shape) for shape in shapes)
-        return total
-
-    def check_fits(self, layout: AdapterLayout) -> None:
-        """Raise FailedPrecondition naming the first module that is missing or has other shapes."""
-        self._check_shapes({name: (a.shape, b.shape) for name, (a, b) in layout.modules.items()}, layout.path)
-
-    def make_slot(self, weights: AdapterWeights) -> AdapterSlot:
-        """The adapter's tensors in the model's dtype on the model's device."""
-        self._check_shapes({name: (a.shape, b.shape) for name, (a, b) in weights.modules.items()}, weights.path)
-        target = self._device
+    def make_slot(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> AdapterSlot:
+        """Module -> (A, B, scaling), checked to fit, as tensors in the model's dtype on the model's device."""
         modules: dict[str, ModuleLora] = {}
-        for name, (a, b) in weights.modules.items():
+        for name, (a, b, scaling) in pairs.items():
             base = self._modules[name]
             conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
             modules[name] = ModuleLora(
-                a=a.to(device=target, dtype=self._dtype),
-                b=b.to(device=target, dtype=self._dtype),
-                scaling=weights.scalings[name],
+                a=a.to(device=self._device, dtype=self._dtype),
+                b=b.to(device=self._device, dtype=self._dtype),
+                scaling=scaling,
                 conv=conv,
             )
-        return AdapterSlot(modules, target)
-
-    def _check_shapes(self, shapes: dict[str, tuple[Sequence[int], Sequence[int]]], path: str) -> None:
-        model_name = type(self._denoiser).__name__
-        for module_name in sorted(shapes):
-            a, b = (tuple(shape) for shape in shapes[module_name])
-            module = self._modules.get(module_name)
-            if module is None:
-                raise FailedPrecondition(
-                    f"adapter {shown(path)} does not fit the base model: module {shown(module_name)} does not "
-                    f"exist in {model_name}"
-                )
-            expected = _expected_shapes(module, a[0])
-            if expected is None:
-                raise FailedPrecondition(
-                    f"adapter {shown(path)} does not fit the base model: module {shown(module_name)} is a "
-                    f"{type(module).__name__}, which LoRA cannot adapt here (Linear and Conv2d only)"
-                )
-            if (a, b) != expected:
-                raise FailedPrecondition(
-                    f"adapter {shown(path)} does not fit the base model: module {shown(module_name)} "
-                    f"expects lora_A {list(expected[0])} and lora_B {list(expected[1])}, the adapter has "
-                    f"{list(a)} and {list(b)}"
-                )
+        return AdapterSlot(modules, self._device)
 
     # ---- hooks and plans: worker thread; slots: any thread (see the module docstring) -----------
 
@@ -231,39 +185,28 @@ class MultiLora:
         """Forget the adapter; its tensors are freed with the slot (once no running batch holds it)."""
         self._slots.pop(key, None)
 
+    def slot(self, key: str) -> AdapterSlot:
+        return self._slots[key]
+
     @property
     def device(self) -> torch.device:
         return self._device
 
-    def move(self, key: str, device: torch.device) -> None:
-        """Move an attached adapter's tensors to another device (a tier move)."""
-        current = self._slots.get(key)
-        if current is None:  # detached meanwhile: nothing to move, and nothing to bring back
-            return
-        self._slots[key] = current.to(device, pin=device.type == "cpu" and self._device.type == "cuda")
-
-    def plan_for(self, samples: Sequence[tuple[str | None, float]]) -> BatchPlan | None:
-        """The BatchPlan of these per-sample adapters (by key); None when no sample has one."""
-        slots = {key: self._slots[key] for key, _ in samples if key is not None}
-        for key, slot in slots.items():
-            if slot.device != self._device:
-                raise RuntimeError(f"adapter {key} is on {slot.device}, not {self._device}; promote it first")
-        plan = BatchPlan([(slots[key] if key is not None else None, scale) for key, scale in samples])
+    def plan_for(self, samples: Sequence[Sequence[tuple[str, float]]]) -> BatchPlan | None:
+        """The BatchPlan of these per-sample adapters (by key; keys attached to another part are skipped);
+        None when no sample has one here."""
+        slots = self._slots
+        plan = BatchPlan([[(slots[key], scale) for key, scale in combo if key in slots] for combo in samples])
+        for combo in plan.samples:
+            for slot, _ in combo:
+                if slot.device != self._device:
+                    raise RuntimeError(f"an adapter is on {slot.device}, not {self._device}; promote it first")
         return plan if plan.has_adapters else None
 
     def activate(self, plan: BatchPlan | None) -> None:
         """The plan the hooks apply from now on (None: the base model). Only the holder of the model's turn
         calls it, before each of its steps run: batches in flight take turns."""
         self._plan = plan
-
-    @contextmanager
-    def applied(self, samples: Sequence[tuple[str | None, float]]) -> Iterator[None]:
-        """Run the body with these per-sample adapters (by key); the plan never outlives it."""
-        self.activate(self.plan_for(samples))
-        try:
-            yield
-        finally:
-            self.activate(None)
 
     # ---- introspection ----------------------------------------------------------------------------
 
@@ -283,12 +226,3 @@ class MultiLora:
             return output
 
         return hook
-
-
-def _expected_shapes(module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    if isinstance(module, nn.Linear):
-        return (rank, module.in_features), (module.out_features, rank)
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return (rank, module.in_channels, kh, kw), (module.out_channels, rank, 1, 1)
-    return None

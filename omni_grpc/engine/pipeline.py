@@ -23,6 +23,7 @@ from PIL import Image as PILImage
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
+from omni_grpc.engine.kohya_names import KohyaTable, sd3_pipeline_names, unet_pipeline_names
 from omni_grpc.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class LoadedPipeline:
     device: torch.device
     dtype: torch.dtype
     guidance: PerSampleGuidance
+    # The parts adapters may adapt (the denoiser's component, then the text encoders'), by component name.
+    lora_parts: dict[str, nn.Module]
+    denoiser_component: str
+    # The modules Kohya / LyCORIS names stand for in this pipeline.
+    kohya_table: KohyaTable
 
     def fresh_pipe(self) -> Any:
         """A pipeline object of its own for one call, sharing every model (about a millisecond): a call keeps
@@ -124,8 +130,15 @@ def load_pipeline(
         raise ModelLoadError(f"'{model_name}' is a {type(pipe).__name__}; supported: {', '.join(sorted(FAMILIES))}")
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=not progress_bar)
-    denoiser = pipe.transformer if family == "sd3" else pipe.unet
+    denoiser_component = "transformer" if family == "sd3" else "unet"
+    denoiser = getattr(pipe, denoiser_component)
     denoiser.eval()
+    text_encoders = {
+        name: module
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        if isinstance(module := getattr(pipe, name, None), nn.Module)
+    }
+    kohya_table = (sd3_pipeline_names if family == "sd3" else unet_pipeline_names)(denoiser, text_encoders)
     spatial = int(pipe.vae_scale_factor)
     max_side = None
     if family == "sd3":
@@ -152,6 +165,9 @@ def load_pipeline(
         device=dev,
         dtype=torch_dtype,
         guidance=PerSampleGuidance(denoiser),
+        lora_parts={denoiser_component: denoiser, **text_encoders},
+        denoiser_component=denoiser_component,
+        kohya_table=kohya_table,
     )
     log.info(
         "model loaded name=%s family=%s device=%s dtype=%s default=%dx%d steps=%d",

@@ -22,9 +22,17 @@ import torch
 from omni_grpc.errors import InvalidArgument, PermissionDenied
 from omni_grpc.quoting import shown
 
-# safetensors dtype names of the tensors an adapter may hold, with their sizes in bytes.
-DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2}
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# safetensors dtype names of the tensors an adapter may hold, with their sizes in bytes. Integers only for
+# scalars such as Kohya's `.alpha` (diffusers' convert_state_dict_to_kohya writes it as I64).
+DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+_TORCH_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 # Caps that keep refusing any file cheap (time and memory in proportion to its header): real LoRA files of the
 # largest models have a few thousand tensors, keys under 200 characters and headers under a megabyte.
 MAX_HEADER_BYTES = 8 << 20
@@ -36,6 +44,21 @@ MAX_HEADER_SEPARATORS = 200_000
 
 # Asked about the real path of every file opened; False refuses it (PermissionDenied).
 MayOpen = Callable[[str], bool]
+# What identifies one version of a file: device, inode, size and modification time (ns). Not the change
+# time: deleting a file being read changes it, and what was opened is still read whole.
+FileStamp = tuple[int, int, int, int]
+
+
+def stamp_of(result: os.stat_result) -> FileStamp:
+    return (result.st_dev, result.st_ino, result.st_size, result.st_mtime_ns)
+
+
+def current_stamp(file: Path) -> FileStamp | None:
+    """The stamp of the file at `file` now (None: it is gone)."""
+    try:
+        return stamp_of(os.stat(file))
+    except OSError:
+        return None
 
 
 class TensorInfo(NamedTuple):
@@ -67,7 +90,10 @@ class SafetensorsFile:
         self.file = file
         self._handle = open_regular(file, may_open)
         try:
-            self._size = os.fstat(self._handle.fileno()).st_size
+            opened = os.fstat(self._handle.fileno())
+            self._size = opened.st_size
+            # The version of the file that was opened: a later read tells a changed file by it.
+            self.stamp = stamp_of(opened)
             self._prefix, self.header = self._read_header()
         except BaseException:
             self._handle.close()
@@ -100,8 +126,8 @@ class SafetensorsFile:
             raise InvalidArgument(
                 f"{file} is truncated: it was {self._size} bytes when opened, but only {start + got} could be read"
             )
-        if again != self._prefix:
-            raise InvalidArgument(f"{file} changed while it was being read")
+        if again != self._prefix or stamp_of(os.fstat(self._handle.fileno())) != self.stamp:
+            raise InvalidArgument(f"{file} changed while it was being read; retry once it is written")
         tensors: dict[str, torch.Tensor] = {}
         for key, info in self.header.tensors.items():
             dtype = _TORCH_DTYPES[info.dtype]
@@ -147,11 +173,12 @@ def open_safetensors(file: Path, may_open: MayOpen | None = None) -> Safetensors
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
 
 
-def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> Any:
-    """A small JSON file, strictly parsed (see `parse_json`), refused beyond `max_bytes`."""
+def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> tuple[Any, FileStamp]:
+    """A small JSON file, strictly parsed (see `parse_json`), refused beyond `max_bytes`; and its stamp."""
     try:
         with open_regular(file, may_open) as handle:
-            size = os.fstat(handle.fileno()).st_size
+            opened = os.fstat(handle.fileno())
+            size = opened.st_size
             if size > max_bytes:
                 raise InvalidArgument(f"{file} is {size} bytes; the limit is {max_bytes}")
             raw = handle.read(max_bytes + 1)  # bounded even if the file grows meanwhile
@@ -159,7 +186,7 @@ def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> An
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
     if len(raw) > max_bytes:
         raise InvalidArgument(f"{file} is more than {max_bytes} bytes, the limit")
-    return parse_json(raw, str(file))
+    return parse_json(raw, str(file)), stamp_of(opened)
 
 
 class _DuplicateKey(ValueError):

@@ -26,6 +26,9 @@ class OutputFormat(enum.Enum):
 class AdapterFormat(enum.Enum):
     PEFT = "peft"
     DIFFUSERS = "diffusers"
+    KOHYA = "kohya"
+    LYCORIS = "lycoris"
+    DIFFUSERS_OLD = "diffusers-old"
 
 
 @dataclass
@@ -77,7 +80,9 @@ class GenerateRequest:
     prompt: str
     negative_prompt: str = ""
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # One adapter (the seed's lora_request), or several composed (`loras`): one or the other.
     lora: LoraRequest | None = None
+    loras: list[LoraRequest] = field(default_factory=list)
     # None: keep PIL images only (offline use); otherwise also encode them.
     output_format: OutputFormat | None = None
 
@@ -121,6 +126,7 @@ class AppliedAdapter:
 @dataclass
 class GenerateResult:
     images: list[GeneratedImage]
+    # The adapter applied, when exactly one was; every one applied, in request order, in `adapters`.
     adapter: AppliedAdapter | None
     timings: Timings
     num_inference_steps: int
@@ -129,6 +135,7 @@ class GenerateResult:
     batch_size: int = 1
     # The base model that served it.
     model: str = ""
+    adapters: list[AppliedAdapter] = field(default_factory=list)
 
 
 @dataclass
@@ -154,3 +161,7 @@ class AdapterInfo:
     hits: int = 0
     promotions: int = 0
     evictions: int = 0
+    # The parts of the model it adapts ("denoiser", "text_encoder", ...).
+    components: list[str] = field(default_factory=lambda: ["denoiser"])
+    # 1 at the first load; one more each time its files were found changed when read again.
+    version: int = 1

@@ -94,10 +94,31 @@ def validate_request(request: GenerateRequest, pipeline: LoadedPipeline, limits:
     )
 
 
-def check_lora_scale(lora: LoraRequest, limits: Limits) -> None:
+def requested_adapters(request: GenerateRequest, limits: Limits) -> list[tuple[str, LoraRequest]]:
+    """The adapters a request asks for, each with the field that names it ("lora_request", "loras[1]")."""
+    if request.lora is not None and request.loras:
+        raise InvalidArgument(
+            "give lora_request or loras, not both (lora_request is the same as a one-element loras)", field="loras"
+        )
+    if request.lora is not None:
+        requested = [("lora_request", request.lora)]
+    else:
+        if len(request.loras) > limits.max_loras_per_request:
+            raise InvalidArgument(
+                f"loras has {len(request.loras)} adapters; the limit is {limits.max_loras_per_request} "
+                "(--max-loras-per-request)",
+                field="loras",
+            )
+        requested = [(f"loras[{i}]", lora) for i, lora in enumerate(request.loras)]
+    for field_name, lora in requested:
+        check_lora_scale(lora, limits, field_name)
+    return requested
+
+
+def check_lora_scale(lora: LoraRequest, limits: Limits, field_name: str = "lora_request") -> None:
     bound = limits.max_lora_scale
     if not math.isfinite(lora.scale) or abs(lora.scale) > bound:
         raise InvalidArgument(
-            f"lora_request.scale must be a finite number between -{bound:g} and {bound:g}, got {lora.scale}",
-            field="lora_request.scale",
+            f"{field_name}.scale must be a finite number between -{bound:g} and {bound:g}, got {lora.scale}",
+            field=f"{field_name}.scale",
         )

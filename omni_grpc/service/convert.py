@@ -30,7 +30,13 @@ _OUTPUT_FORMATS = {
     pb.OUTPUT_FORMAT_WEBP: OutputFormat.WEBP,
 }
 _TIERS = {"device": pb.ADAPTER_TIER_DEVICE, "host": pb.ADAPTER_TIER_HOST, "disk": pb.ADAPTER_TIER_DISK}
-_ADAPTER_FORMATS = {AdapterFormat.PEFT: pb.ADAPTER_FORMAT_PEFT, AdapterFormat.DIFFUSERS: pb.ADAPTER_FORMAT_DIFFUSERS}
+_ADAPTER_FORMATS = {
+    AdapterFormat.PEFT: pb.ADAPTER_FORMAT_PEFT,
+    AdapterFormat.DIFFUSERS: pb.ADAPTER_FORMAT_DIFFUSERS,
+    AdapterFormat.KOHYA: pb.ADAPTER_FORMAT_KOHYA,
+    AdapterFormat.LYCORIS: pb.ADAPTER_FORMAT_LYCORIS,
+    AdapterFormat.DIFFUSERS_OLD: pb.ADAPTER_FORMAT_DIFFUSERS_OLD,
+}
 
 
 def _optional(message: Message, name: str) -> Any:
@@ -51,21 +57,22 @@ def generate_request_from_pb(request: pb.GenerateRequest) -> GenerateRequest:
         seed=_optional(sp, "seed"),
         num_images=sp.num_images if sp.HasField("num_images") else 1,
     )
-    lora = None
-    if request.HasField("lora_request"):
-        lr = request.lora_request
-        lora = LoraRequest(
-            path=lr.path or None,
-            name=lr.name or None,
-            id=_optional(lr, "id"),
-            scale=lr.scale if lr.HasField("scale") else 1.0,
-        )
     return GenerateRequest(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         sampling=sampling,
-        lora=lora,
+        lora=_lora_from_pb(request.lora_request) if request.HasField("lora_request") else None,
+        loras=[_lora_from_pb(lora) for lora in request.loras],
         output_format=_OUTPUT_FORMATS[request.output_format],
+    )
+
+
+def _lora_from_pb(lora: pb.LoraRequest) -> LoraRequest:
+    return LoraRequest(
+        path=lora.path or None,
+        name=lora.name or None,
+        id=_optional(lora, "id"),
+        scale=lora.scale if lora.HasField("scale") else 1.0,
     )
 
 
@@ -88,10 +95,10 @@ def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
         guidance_scale=result.guidance_scale,
         batch_size=result.batch_size,
         model=result.model,
+        adapters=[pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale) for a in result.adapters],
     )
     if result.adapter is not None:
-        a = result.adapter
-        response.adapter.CopyFrom(pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale))
+        response.adapter.CopyFrom(response.adapters[0])
     return response
 
 
@@ -115,6 +122,8 @@ def adapter_to_pb(info: AdapterInfo, *, show_path: bool = True) -> pb.Adapter:
         hits=info.hits,
         promotions=info.promotions,
         evictions=info.evictions,
+        components=info.components,
+        version=info.version,
     )
 
 

@@ -24,51 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17omni_grpc/v1/omni.proto\x12\x0comni_grpc.v1\"\xfc\x01\n\x0eSamplingParams\x12\x13\n\x06height\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x02 \x01(\rH\x01\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\x06 \x01(\rH\x05\x88\x01\x01\x42\t\n\x07_heightB\x08\n\x06_widthB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_images\"_\n\x0bLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x02id\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05scale\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x05\n\x03_idB\x08\n\x06_scale\"\xd5\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x35\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1c.omni_grpc.v1.SamplingParams\x12/\n\x0clora_request\x18\x04 \x01(\x0b\x32\x19.omni_grpc.v1.LoraRequest\x12\x31\n\routput_format\x18\x05 \x01(\x0e\x32\x1a.omni_grpc.v1.OutputFormat\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"j\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nadapter_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"G\n\x0e\x41ppliedAdapter\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05scale\x18\x04 \x01(\x02\"\xe6\x01\n\x10GenerateResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.omni_grpc.v1.Image\x12-\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x1c.omni_grpc.v1.AppliedAdapter\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.omni_grpc.v1.Timings\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\r\n\x05model\x18\x07 \x01(\t\"\xf1\x02\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cload_time_ms\x18\t \x01(\x01\x12\x11\n\tuse_count\x18\n \x01(\x04\x12\x0e\n\x06in_use\x18\x0b \x01(\r\x12\r\n\x05loads\x18\x0c \x01(\x04\x12+\n\x06\x66ormat\x18\r \x01(\x0e\x32\x1b.omni_grpc.v1.AdapterFormat\x12\x12\n\nnum_layers\x18\x0e \x01(\r\x12\'\n\x04tier\x18\x0f \x01(\x0e\x32\x19.omni_grpc.v1.AdapterTier\x12\x0c\n\x04hits\x18\x10 \x01(\x04\x12\x12\n\npromotions\x18\x11 \x01(\x04\x12\x11\n\tevictions\x18\x12 \x01(\x04\"U\n\x12LoadAdapterRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x02id\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x42\x05\n\x03_id\"S\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.omni_grpc.v1.Adapter\x12\x14\n\x0cnewly_loaded\x18\x02 \x01(\x08\"O\n\x14UnloadAdapterRequest\x12\x0c\n\x02id\x18\x01 \x01(\x04H\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x12\x0e\n\x04path\x18\x03 \x01(\tH\x00\x42\t\n\x07\x61\x64\x61pter\"?\n\x15UnloadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.omni_grpc.v1.Adapter\"\x15\n\x13ListAdaptersRequest\"\x94\x01\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.omni_grpc.v1.Adapter\x12\x1b\n\x13max_loaded_adapters\x18\x02 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x03 \x01(\r\x12\x19\n\x11max_host_adapters\x18\x04 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xe9\x01\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x03 \x01(\r\x12\x15\n\rdefault_width\x18\x04 \x01(\r\x12#\n\x1b\x64\x65\x66\x61ult_num_inference_steps\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x06 \x01(\x02\x12\x18\n\x10spatial_multiple\x18\x07 \x01(\r\x12\x12\n\nstarted_at\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*f\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_FORMAT_PEFT\x10\x01\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_DIFFUSERS\x10\x02*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\xb7\x03\n\x0bOmniService\x12I\n\x08Generate\x12\x1d.omni_grpc.v1.GenerateRequest\x1a\x1e.omni_grpc.v1.GenerateResponse\x12R\n\x0bLoadAdapter\x12 .omni_grpc.v1.LoadAdapterRequest\x1a!.omni_grpc.v1.LoadAdapterResponse\x12X\n\rUnloadAdapter\x12\".omni_grpc.v1.UnloadAdapterRequest\x1a#.omni_grpc.v1.UnloadAdapterResponse\x12U\n\x0cListAdapters\x12!.omni_grpc.v1.ListAdaptersRequest\x1a\".omni_grpc.v1.ListAdaptersResponse\x12X\n\rGetServerInfo\x12\".omni_grpc.v1.GetServerInfoRequest\x1a#.omni_grpc.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17omni_grpc/v1/omni.proto\x12\x0comni_grpc.v1\"\xfc\x01\n\x0eSamplingParams\x12\x13\n\x06height\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x02 \x01(\rH\x01\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\x06 \x01(\rH\x05\x88\x01\x01\x42\t\n\x07_heightB\x08\n\x06_widthB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_images\"_\n\x0bLoraRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x02id\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\x05scale\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x05\n\x03_idB\x08\n\x06_scale\"\xff\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x35\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1c.omni_grpc.v1.SamplingParams\x12/\n\x0clora_request\x18\x04 \x01(\x0b\x32\x19.omni_grpc.v1.LoraRequest\x12\x31\n\routput_format\x18\x05 \x01(\x0e\x32\x1a.omni_grpc.v1.OutputFormat\x12(\n\x05loras\x18\x06 \x03(\x0b\x32\x19.omni_grpc.v1.LoraRequest\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"j\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nadapter_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"G\n\x0e\x41ppliedAdapter\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\r\n\x05scale\x18\x04 \x01(\x02\"\x96\x02\n\x10GenerateResponse\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.omni_grpc.v1.Image\x12-\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x1c.omni_grpc.v1.AppliedAdapter\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.omni_grpc.v1.Timings\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\r\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\r\n\x05model\x18\x07 \x01(\t\x12.\n\x08\x61\x64\x61pters\x18\x08 \x03(\x0b\x32\x1c.omni_grpc.v1.AppliedAdapter\"\x96\x03\n\x07\x41\x64\x61pter\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cload_time_ms\x18\t \x01(\x01\x12\x11\n\tuse_count\x18\n \x01(\x04\x12\x0e\n\x06in_use\x18\x0b \x01(\r\x12\r\n\x05loads\x18\x0c \x01(\x04\x12+\n\x06\x66ormat\x18\r \x01(\x0e\x32\x1b.omni_grpc.v1.AdapterFormat\x12\x12\n\nnum_layers\x18\x0e \x01(\r\x12\'\n\x04tier\x18\x0f \x01(\x0e\x32\x19.omni_grpc.v1.AdapterTier\x12\x0c\n\x04hits\x18\x10 \x01(\x04\x12\x12\n\npromotions\x18\x11 \x01(\x04\x12\x11\n\tevictions\x18\x12 \x01(\x04\x12\x12\n\ncomponents\x18\x13 \x03(\t\x12\x0f\n\x07version\x18\x14 \x01(\r\"U\n\x12LoadAdapterRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x02id\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x0b\n\x03pin\x18\x04 \x01(\x08\x42\x05\n\x03_id\"S\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.omni_grpc.v1.Adapter\x12\x14\n\x0cnewly_loaded\x18\x02 \x01(\x08\"O\n\x14UnloadAdapterRequest\x12\x0c\n\x02id\x18\x01 \x01(\x04H\x00\x12\x0e\n\x04name\x18\x02 \x01(\tH\x00\x12\x0e\n\x04path\x18\x03 \x01(\tH\x00\x42\t\n\x07\x61\x64\x61pter\"?\n\x15UnloadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.omni_grpc.v1.Adapter\"\x15\n\x13ListAdaptersRequest\"\x94\x01\n\x14ListAdaptersResponse\x12\'\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x15.omni_grpc.v1.Adapter\x12\x1b\n\x13max_loaded_adapters\x18\x02 \x01(\r\x12\x1b\n\x13max_device_adapters\x18\x03 \x01(\r\x12\x19\n\x11max_host_adapters\x18\x04 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xe9\x01\n\x15GetServerInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65\x66\x61ult_height\x18\x03 \x01(\r\x12\x15\n\rdefault_width\x18\x04 \x01(\r\x12#\n\x1b\x64\x65\x66\x61ult_num_inference_steps\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x06 \x01(\x02\x12\x18\n\x10spatial_multiple\x18\x07 \x01(\r\x12\x12\n\nstarted_at\x18\x08 \x01(\x03\x12\x0f\n\x07version\x18\t \x01(\t*t\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_FORMAT_PNG\x10\x01\x12\x16\n\x12OUTPUT_FORMAT_JPEG\x10\x02\x12\x16\n\x12OUTPUT_FORMAT_WEBP\x10\x03*\xbe\x01\n\rAdapterFormat\x12\x1e\n\x1a\x41\x44\x41PTER_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_FORMAT_PEFT\x10\x01\x12\x1c\n\x18\x41\x44\x41PTER_FORMAT_DIFFUSERS\x10\x02\x12\x18\n\x14\x41\x44\x41PTER_FORMAT_KOHYA\x10\x03\x12\x1a\n\x16\x41\x44\x41PTER_FORMAT_LYCORIS\x10\x04\x12 \n\x1c\x41\x44\x41PTER_FORMAT_DIFFUSERS_OLD\x10\x05*r\n\x0b\x41\x64\x61pterTier\x12\x1c\n\x18\x41\x44\x41PTER_TIER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_TIER_DEVICE\x10\x01\x12\x15\n\x11\x41\x44\x41PTER_TIER_HOST\x10\x02\x12\x15\n\x11\x41\x44\x41PTER_TIER_DISK\x10\x03\x32\xb7\x03\n\x0bOmniService\x12I\n\x08Generate\x12\x1d.omni_grpc.v1.GenerateRequest\x1a\x1e.omni_grpc.v1.GenerateResponse\x12R\n\x0bLoadAdapter\x12 .omni_grpc.v1.LoadAdapterRequest\x1a!.omni_grpc.v1.LoadAdapterResponse\x12X\n\rUnloadAdapter\x12\".omni_grpc.v1.UnloadAdapterRequest\x1a#.omni_grpc.v1.UnloadAdapterResponse\x12U\n\x0cListAdapters\x12!.omni_grpc.v1.ListAdaptersRequest\x1a\".omni_grpc.v1.ListAdaptersResponse\x12X\n\rGetServerInfo\x12\".omni_grpc.v1.GetServerInfoRequest\x1a#.omni_grpc.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'omni_grpc.v1.omni_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTFORMAT']._serialized_start=2234
-  _globals['_OUTPUTFORMAT']._serialized_end=2350
-  _globals['_ADAPTERFORMAT']._serialized_start=2352
-  _globals['_ADAPTERFORMAT']._serialized_end=2454
-  _globals['_ADAPTERTIER']._serialized_start=2456
-  _globals['_ADAPTERTIER']._serialized_end=2570
+  _globals['_OUTPUTFORMAT']._serialized_start=2361
+  _globals['_OUTPUTFORMAT']._serialized_end=2477
+  _globals['_ADAPTERFORMAT']._serialized_start=2480
+  _globals['_ADAPTERFORMAT']._serialized_end=2670
+  _globals['_ADAPTERTIER']._serialized_start=2672
+  _globals['_ADAPTERTIER']._serialized_end=2786
   _globals['_SAMPLINGPARAMS']._serialized_start=42
   _globals['_SAMPLINGPARAMS']._serialized_end=294
   _globals['_LORAREQUEST']._serialized_start=296
   _globals['_LORAREQUEST']._serialized_end=391
   _globals['_GENERATEREQUEST']._serialized_start=394
-  _globals['_GENERATEREQUEST']._serialized_end=607
-  _globals['_IMAGE']._serialized_start=609
-  _globals['_IMAGE']._serialized_end=694
-  _globals['_TIMINGS']._serialized_start=696
-  _globals['_TIMINGS']._serialized_end=802
-  _globals['_APPLIEDADAPTER']._serialized_start=804
-  _globals['_APPLIEDADAPTER']._serialized_end=875
-  _globals['_GENERATERESPONSE']._serialized_start=878
-  _globals['_GENERATERESPONSE']._serialized_end=1108
-  _globals['_ADAPTER']._serialized_start=1111
-  _globals['_ADAPTER']._serialized_end=1480
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1482
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1567
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1569
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1652
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1654
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1733
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1735
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1798
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1800
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1821
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1824
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1972
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1974
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1996
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1999
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2232
-  _globals['_OMNISERVICE']._serialized_start=2573
-  _globals['_OMNISERVICE']._serialized_end=3012
+  _globals['_GENERATEREQUEST']._serialized_end=649
+  _globals['_IMAGE']._serialized_start=651
+  _globals['_IMAGE']._serialized_end=736
+  _globals['_TIMINGS']._serialized_start=738
+  _globals['_TIMINGS']._serialized_end=844
+  _globals['_APPLIEDADAPTER']._serialized_start=846
+  _globals['_APPLIEDADAPTER']._serialized_end=917
+  _globals['_GENERATERESPONSE']._serialized_start=920
+  _globals['_GENERATERESPONSE']._serialized_end=1198
+  _globals['_ADAPTER']._serialized_start=1201
+  _globals['_ADAPTER']._serialized_end=1607
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1609
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1694
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=1696
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=1779
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1781
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1860
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1862
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=1925
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1927
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1948
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1951
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2099
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2101
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2123
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2126
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2359
+  _globals['_OMNISERVICE']._serialized_start=2789
+  _globals['_OMNISERVICE']._serialized_end=3228
 # @@protoc_insertion_point(module_scope)

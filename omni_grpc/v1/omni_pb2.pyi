@@ -59,6 +59,12 @@ class _AdapterFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Adapter
     """A PEFT folder: adapter_config.json + adapter_model.safetensors."""
     ADAPTER_FORMAT_DIFFUSERS: _AdapterFormat.ValueType  # 2
     """A diffusers LoRA file (pytorch_lora_weights.safetensors), config in its metadata."""
+    ADAPTER_FORMAT_KOHYA: _AdapterFormat.ValueType  # 3
+    """A Kohya / AUTOMATIC1111 file (lora_unet_..., lora_te_..., per-module .alpha)."""
+    ADAPTER_FORMAT_LYCORIS: _AdapterFormat.ValueType  # 4
+    """A LyCORIS file: LoHa (hada_*) or LoKr (lokr_*) modules, possibly beside plain LoRA ones."""
+    ADAPTER_FORMAT_DIFFUSERS_OLD: _AdapterFormat.ValueType  # 5
+    """diffusers' old attention-processor layout (...attn1.processor.to_q_lora.down.weight)."""
 
 class AdapterFormat(_AdapterFormat, metaclass=_AdapterFormatEnumTypeWrapper):
     """AdapterFormat is the on-disk format an adapter was read from."""
@@ -68,6 +74,12 @@ ADAPTER_FORMAT_PEFT: AdapterFormat.ValueType  # 1
 """A PEFT folder: adapter_config.json + adapter_model.safetensors."""
 ADAPTER_FORMAT_DIFFUSERS: AdapterFormat.ValueType  # 2
 """A diffusers LoRA file (pytorch_lora_weights.safetensors), config in its metadata."""
+ADAPTER_FORMAT_KOHYA: AdapterFormat.ValueType  # 3
+"""A Kohya / AUTOMATIC1111 file (lora_unet_..., lora_te_..., per-module .alpha)."""
+ADAPTER_FORMAT_LYCORIS: AdapterFormat.ValueType  # 4
+"""A LyCORIS file: LoHa (hada_*) or LoKr (lokr_*) modules, possibly beside plain LoRA ones."""
+ADAPTER_FORMAT_DIFFUSERS_OLD: AdapterFormat.ValueType  # 5
+"""diffusers' old attention-processor layout (...attn1.processor.to_q_lora.down.weight)."""
 Global___AdapterFormat: _TypeAlias = AdapterFormat  # noqa: Y015
 
 class _AdapterTier:
@@ -163,8 +175,9 @@ Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
 class LoraRequest(_message.Message):
-    """LoraRequest selects the adapter for one request. Give a path (loaded on first use, then cached), or the
-    name or id of an adapter already loaded. If several are given they must agree.
+    """LoraRequest selects an adapter for one request. Give a path (loaded on first use, then cached), or the
+    name or id of an adapter already loaded. With a path, the name and id are labels for its first load: an
+    adapter already loaded from that path is used under the name and id it was loaded with.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -215,6 +228,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_PARAMS_FIELD_NUMBER: _builtins.int
     LORA_REQUEST_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text prompt."""
     negative_prompt: _builtins.str
@@ -224,7 +238,15 @@ class GenerateRequest(_message.Message):
     def sampling_params(self) -> Global___SamplingParams: ...
     @_builtins.property
     def lora_request(self) -> Global___LoraRequest:
-        """The adapter to apply; absent means no adapter at all."""
+        """The adapter to apply; absent means no adapter at all. The same as a one-element `loras`; give one or
+        the other.
+        """
+
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraRequest]:
+        """Several adapters at once, each with its own scale, composed (their deltas add up), in this order. At most
+        --max-loras-per-request; the same adapter twice is INVALID_ARGUMENT.
+        """
 
     def __init__(
         self,
@@ -234,10 +256,11 @@ class GenerateRequest(_message.Message):
         sampling_params: Global___SamplingParams | None = ...,
         lora_request: Global___LoraRequest | None = ...,
         output_format: Global___OutputFormat.ValueType = ...,
+        loras: _abc.Iterable[Global___LoraRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora_request", b"lora_request", "sampling_params", b"sampling_params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora_request", b"lora_request", "negative_prompt", b"negative_prompt", "output_format", b"output_format", "prompt", b"prompt", "sampling_params", b"sampling_params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora_request", b"lora_request", "loras", b"loras", "negative_prompt", b"negative_prompt", "output_format", b"output_format", "prompt", b"prompt", "sampling_params", b"sampling_params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -362,6 +385,7 @@ class GenerateResponse(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     num_inference_steps: _builtins.int
     """The number of denoising steps that ran."""
     guidance_scale: _builtins.float
@@ -378,6 +402,10 @@ class GenerateResponse(_message.Message):
 
     @_builtins.property
     def timings(self) -> Global___Timings: ...
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedAdapter]:
+        """Every adapter applied, in request order (`adapter` holds the same when exactly one was)."""
+
     def __init__(
         self,
         *,
@@ -388,10 +416,11 @@ class GenerateResponse(_message.Message):
         guidance_scale: _builtins.float = ...,
         batch_size: _builtins.int = ...,
         model: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___AppliedAdapter] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "batch_size", b"batch_size", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "num_inference_steps", b"num_inference_steps", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "batch_size", b"batch_size", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "num_inference_steps", b"num_inference_steps", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +450,8 @@ class Adapter(_message.Message):
     HITS_FIELD_NUMBER: _builtins.int
     PROMOTIONS_FIELD_NUMBER: _builtins.int
     EVICTIONS_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     path: _builtins.str
@@ -454,9 +485,15 @@ class Adapter(_message.Message):
     """Moves from host memory back to the device."""
     evictions: _builtins.int
     """Moves down a tier (device to host, host to disk), least recently used first."""
+    version: _builtins.int
+    """1 at its first load; one more each time its file was found changed when it was read again."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The modules of the base model that the adapter changes (as named in its config)."""
+
+    @_builtins.property
+    def components(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The parts of the model it adapts: "denoiser", "text_encoder", "text_encoder_2", "text_encoder_3"."""
 
     def __init__(
         self,
@@ -479,10 +516,12 @@ class Adapter(_message.Message):
         hits: _builtins.int = ...,
         promotions: _builtins.int = ...,
         evictions: _builtins.int = ...,
+        components: _abc.Iterable[_builtins.str] | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "evictions", b"evictions", "format", b"format", "hits", b"hits", "id", b"id", "in_use", b"in_use", "load_time_ms", b"load_time_ms", "loads", b"loads", "name", b"name", "num_layers", b"num_layers", "path", b"path", "pinned", b"pinned", "promotions", b"promotions", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_count", b"use_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "components", b"components", "evictions", b"evictions", "format", b"format", "hits", b"hits", "id", b"id", "in_use", b"in_use", "load_time_ms", b"load_time_ms", "loads", b"loads", "name", b"name", "num_layers", b"num_layers", "path", b"path", "pinned", b"pinned", "promotions", b"promotions", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_count", b"use_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

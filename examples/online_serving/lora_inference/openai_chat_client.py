@@ -4,9 +4,12 @@
         --prompt "A piece of cheesecake" --lora-path /path/to/lora_adapter \\
         --lora-name my_lora --lora-scale 1.0 --output output.png
 
+Several adapters at once, each with its own scale: repeat `--lora NAME_OR_PATH[:SCALE]`, e.g.
+`--lora /loras/style:0.8 --lora ink` (a path has a slash; otherwise it names a loaded adapter).
+
 The adapter path is on the SERVER machine. The adapter and generation fields travel in `extra_body`,
-in vLLM-Omni's flat shape (`lora` + `height`, `width`, ...), which the gateway accepts as well as the
-guide's `lora_request` + `sampling_params`.
+in vLLM-Omni's flat shape (`lora` or `loras` + `height`, `width`, ...), which the gateway accepts as well as
+the guide's `lora_request` + `sampling_params`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-path", default=None, help="adapter folder on the server machine")
     parser.add_argument("--lora-name", default=None, help="name for the adapter (or of one already loaded)")
     parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH[:SCALE]",
+        help="an adapter to compose with the others given so (repeatable); a path has a slash",
+    )
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
@@ -35,9 +45,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def lora_item(spec: str) -> dict[str, object]:
+    """`NAME_OR_PATH[:SCALE]` -> one `loras` item."""
+    target, sep, scale = spec.rpartition(":")
+    try:
+        value = float(scale) if sep else None
+    except ValueError:
+        value = None
+    if value is None:
+        target = spec
+    item: dict[str, object] = {"local_path" if "/" in target else "name": target}
+    if value is not None:
+        item["scale"] = value
+    return item
+
+
 def request_fields(args: argparse.Namespace) -> dict[str, object]:
     fields: dict[str, object] = {}
-    if args.lora_path or args.lora_name:
+    if args.lora:
+        fields["loras"] = [lora_item(spec) for spec in args.lora]
+    elif args.lora_path or args.lora_name:
         lora: dict[str, object] = {"scale": args.lora_scale}
         if args.lora_path:
             lora["local_path"] = args.lora_path
@@ -57,6 +84,9 @@ def request_fields(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.lora and (args.lora_path or args.lora_name):
+        print("give --lora (repeatable) or --lora-path/--lora-name, not both", file=sys.stderr)
+        return 2
     # The gateway needs no key; the client insists on one.
     client = openai.OpenAI(base_url=f"{args.server.rstrip('/')}/v1", api_key="unused", max_retries=0)
     try:
@@ -75,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parts = response.choices[0].message.content
     url = parts[0]["image_url"]["url"]  # type: ignore[index]
     args.output.write_bytes(base64.b64decode(url.split(",", 1)[1]))
-    adapter = (response.model_extra or {}).get("omni", {}).get("adapter")
-    used = f"adapter {adapter['name']} at scale {adapter['scale']:g}" if adapter else "no adapter"
+    adapters = (response.model_extra or {}).get("omni", {}).get("adapters") or []
+    applied = ", ".join(f"{a['name']} at scale {a['scale']:g}" for a in adapters)
+    used = f"adapter{'s' if len(adapters) > 1 else ''} {applied}" if adapters else "no adapter"
     print(f"wrote {args.output} ({model}, {used})")
     return 0
 

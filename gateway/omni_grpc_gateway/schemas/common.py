@@ -3,6 +3,8 @@
 - The guide's shape: `lora_request` {path, name, scale, id} and `sampling_params` {height, width, ...}.
 - vLLM-Omni's shape: generation fields flat in the body and `lora` {name|lora_name,
   local_path|path|lora_path, scale|lora_scale, int_id|lora_int_id}.
+- In either shape, instead of the single adapter: `loras`, a list of adapters composed in one request, each
+  with the keys (and spellings) of both shapes.
 """
 
 from __future__ import annotations
@@ -90,6 +92,28 @@ _LORA_ALIASES = {
     "scale": ("scale", "lora_scale"),
     "int_id": ("int_id", "lora_int_id"),
 }
+# A `loras` item's keys: the guide's names, with the spellings of both shapes.
+_ITEM_ALIASES = {
+    "path": ("path", "local_path", "lora_path"),
+    "name": ("name", "lora_name"),
+    "scale": ("scale", "lora_scale"),
+    "id": ("id", "int_id", "lora_int_id"),
+}
+# Far above any server's --max-loras-per-request; the server says its own bound.
+MAX_LORAS = 64
+
+
+def _one_spelling_each(data: Any, aliases: dict[str, tuple[str, ...]], what: str) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for key, spellings in aliases.items():
+        given = [s for s in spellings if s in data]
+        if len(given) > 1:
+            raise ValueError(f"{what} has both {' and '.join(given)}; give one")
+        if given and given[0] != key:
+            data[key] = data.pop(given[0])
+    return data
 
 
 class LoraBody(StrictBody):
@@ -102,22 +126,33 @@ class LoraBody(StrictBody):
 
     @model_validator(mode="before")
     @classmethod
-    def _one_spelling_each(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for key, spellings in _LORA_ALIASES.items():
-            given = [s for s in spellings if s in data]
-            if len(given) > 1:
-                raise ValueError(f"lora has both {' and '.join(given)}; give one")
-            if given and given[0] != key:
-                data[key] = data.pop(given[0])
-        return data
+    def _spellings(cls, data: Any) -> Any:
+        return _one_spelling_each(data, _LORA_ALIASES, "lora")
 
     @model_validator(mode="after")
     def _names_an_adapter(self) -> LoraBody:
         if not (self.local_path or self.name or self.int_id is not None):
             raise ValueError("lora needs local_path (or path, lora_path), name (or lora_name) or int_id")
+        return self
+
+
+class LoraItemBody(StrictBody):
+    """One adapter of `loras`: a path on the server, or a loaded adapter's name or id, with its own scale."""
+
+    path: str | None = Field(None, description="Also `local_path`, `lora_path`: adapter location on the server.")
+    name: str | None = Field(None, description="Also `lora_name`.")
+    scale: Float32 | None = Field(None, description="Also `lora_scale` (default 1.0).")
+    id: AdapterId | None = Field(None, description="Also `int_id`, `lora_int_id`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spellings(cls, data: Any) -> Any:
+        return _one_spelling_each(data, _ITEM_ALIASES, "a loras item")
+
+    @model_validator(mode="after")
+    def _names_an_adapter(self) -> LoraItemBody:
+        if not (self.path or self.name or self.id is not None):
+            raise ValueError("a loras item needs a path (or local_path, lora_path), a name (or lora_name) or an id")
         return self
 
 
@@ -150,6 +185,12 @@ class GenerationFields(StrictBody):
     seed: Seed | None = None
     num_outputs_per_prompt: Uint32 | None = None
     # Either shape.
+    loras: list[LoraItemBody] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description="Several adapters composed in one request, each with its own scale (instead of lora_request "
+        "or lora).",
+    )
     output_format: OutputFormat | None = Field(None, description="Image encoding (default png).")
 
 

@@ -23,7 +23,9 @@ class TimingsOut(BaseModel):
 class GenerationInfo(BaseModel):
     # One seed per image: rerun with the first one (and the same fields) to get the same images.
     seeds: list[int]
+    # The adapter applied, when exactly one was; all of them, in request order, in `adapters`.
     adapter: AppliedAdapterOut | None
+    adapters: list[AppliedAdapterOut]
     num_inference_steps: int
     guidance_scale: float
     # Images in the denoising batch this request shared.
