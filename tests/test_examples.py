@@ -14,11 +14,11 @@ from omni_grpc.errors import NotFound
 from tests.helpers import REPO
 
 
-def run_example(*args: str, cache_root: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMNI_GRPC_CACHE": str(cache_root)}
+def run_example(*args: str, cache_root: Path, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMNI_GRPC_CACHE": str(cache_root), "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-m", "examples.offline_inference.lora_inference.lora_inference", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -36,12 +36,32 @@ COMMON = ["--prompt", "A piece of cheesecake", "--lora-scale", "1.0", "--num-inf
 SIZE = ["--height", "64", "--width", "64", "--seed", "5"]
 
 
-def test_offline_example_preloaded_as_the_guide_runs_it(cache_root: Path, style_a: Path, tmp_path: Path) -> None:
-    """`python -m examples...` in a process of its own, as the guide runs it."""
+def test_offline_example_preloaded_as_the_readme_runs_it(cache_root: Path, tmp_path: Path) -> None:
+    """`omni-grpc example-adapter`, then `python -m examples... --lora-path ./loras/lora_adapter`, each in a
+    process of its own, as the README runs them (here from an empty folder rather than the checkout)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    written = subprocess.run(
+        [sys.executable, "-m", "omni_grpc", "example-adapter", "--cache-dir", str(cache_root)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert written.returncode == 0 and "wrote the example adapter to loras/lora_adapter" in written.stdout, written
     output = tmp_path / "out.png"
-    done = run_example(*COMMON, "--lora-path", str(style_a), *SIZE, "--output", str(output), cache_root=cache_root)
+    done = run_example(
+        *COMMON,
+        "--lora-path",
+        "./loras/lora_adapter",
+        *SIZE,
+        "--output",
+        str(output),
+        cache_root=cache_root,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
-    assert "adapter style_a" in done.stdout and "scale 1" in done.stdout
+    assert "adapter lora_adapter" in done.stdout and "scale 1" in done.stdout
     assert "3/3" in done.stderr  # diffusers' progress bar
     with Image.open(output) as image:
         assert image.format == "PNG" and image.size == (64, 64)
