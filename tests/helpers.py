@@ -19,10 +19,11 @@ from typing import Any, Protocol
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 
 from omni_grpc.engine.engine import Engine
-from omni_grpc.engine.types import GenerateRequest, GenerateResult
+from omni_grpc.engine.types import GenerateRequest, GenerateResult, LoraRequest
 from omni_grpc.loopback import CHECKOUT, free_port, health_status, spawn_omni, stop_process, wait_serving
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
@@ -345,3 +346,16 @@ def started_engine(**config: Any) -> Iterator[Engine]:
         yield engine
     finally:
         engine.close()
+
+
+def base_unchanged_by_adapters(
+    model_dir: Path, adapter: Path, generate: Callable[[Engine, LoraRequest | None], Any]
+) -> Any:
+    """On a fresh engine: the base output (no adapter) before any adapter is loaded, and again after `adapter`
+    was used and loaded; returns the first, asserting the second is bit for bit the same."""
+    with started_engine(model=str(model_dir), allow_any_lora_path=True, dtype="float32") as engine:
+        before = generate(engine, None)
+        generate(engine, LoraRequest(path=str(adapter)))
+        engine.load_adapter(str(adapter))
+        assert np.array_equal(generate(engine, None), before)
+    return before

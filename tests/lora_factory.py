@@ -10,10 +10,12 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, SD3Transformer2DModel, StableDiffusion3Pipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from PIL import Image
@@ -32,10 +34,14 @@ def make_peft_adapter(
     seed: int = 0,
     unet: bool = False,
     magnitude: float = 1.0,
+    component: str | None = None,
 ) -> Path:
-    """A PEFT-format adapter (adapter_config.json + adapter_model.safetensors) with random weights."""
-    cls = UNet2DConditionModel if unet else SD3Transformer2DModel
-    model = cls.from_pretrained(str(model_dir / ("unet" if unet else "transformer")))
+    """A PEFT-format adapter (adapter_config.json + adapter_model.safetensors) with random weights, on the
+    pipeline's denoiser (`component`: another one, e.g. Wan 2.2's transformer_2)."""
+    index = json.loads((model_dir / "model_index.json").read_text())
+    if component is None:
+        component = "unet" if unet or "unet" in index else "transformer"
+    model = getattr(diffusers, index[component][1]).from_pretrained(str(model_dir / component))
     torch.manual_seed(seed)
     peft_model = get_peft_model(
         model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian")
@@ -83,6 +89,36 @@ def load_reference_pipeline(model_dir: Path) -> DiffusionPipeline:
     return pipe
 
 
+def reference_pipeline_with(model_dir: Path, adapter: Path | None, scale: float = 1.0) -> DiffusionPipeline:
+    """Plain diffusers with peft's own adapter (PeftModel.from_pretrained) on the denoiser at `scale`."""
+    pipe = load_reference_pipeline(model_dir)
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    if adapter is not None:
+        PeftModel.from_pretrained(denoiser, str(adapter))
+        for module in denoiser.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale("default", scale)
+    return pipe
+
+
+def reference_pixels(
+    model_dir: Path, *, prompt: str, seed: int, adapter: Path | None = None, scale: float = 1.0, **call: Any
+) -> np.ndarray:
+    """What diffusers + peft produce for one 64x64, 2-step image, as floats in [0, 1] (before 8-bit rounding);
+    `call` holds the family's own arguments (guidance_scale, true_cfg_scale, negative_prompt)."""
+    pipe = reference_pipeline_with(model_dir, adapter, scale)
+    out = pipe(
+        prompt=prompt,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=[torch.Generator("cpu").manual_seed(seed)],
+        output_type="np",
+        **call,
+    )
+    return np.asarray(out.images[0])
+
+
 def reference_image(
     model_dir: Path,
     *,
@@ -95,13 +131,7 @@ def reference_image(
     guidance_scale: float | None = None,
 ) -> np.ndarray:
     """The image plain diffusers + peft produce, as uint8 HxWx3."""
-    pipe = load_reference_pipeline(model_dir)
-    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    if adapter is not None:
-        PeftModel.from_pretrained(denoiser, str(adapter))
-        for module in denoiser.modules():
-            if isinstance(module, LoraLayer):
-                module.set_scale("default", scale)
+    pipe = reference_pipeline_with(model_dir, adapter, scale)
     kwargs = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
     out = pipe(
         prompt=prompt,

@@ -99,7 +99,7 @@ def test_sd15_unet_family(tmp_path: Path) -> None:
     adapter = make_peft_adapter(model, tmp_path / "unet_lora", rank=4, alpha=2, unet=True, magnitude=0.5)
     eng = Engine(EngineConfig(model=str(model), allow_any_lora_path=True)).start()
     try:
-        assert eng.pipeline.family == "sd" and eng.pipeline.spatial_multiple == 8
+        assert eng.pipeline.family.name == "sd" and eng.pipeline.spatial_multiple == 8
         base = run(eng, steps=2)
         assert_close_image(base, reference_image(model, prompt=PROMPT, seed=9, steps=2))
         for scale in (1.0, 0.5):

@@ -279,6 +279,8 @@ def test_client_values_cannot_forge_gateway_log_lines(guarded: Server, tmp_path:
     gateway = start_gateway(guarded.target, [], log_path=tmp_path / "gateway.log")
     try:
         httpx.get(f"{gateway.url}/x%0aINFO omni_grpc_gateway.access: GET /admin status=200%1b[2J", timeout=30)
+        # The access line is written once the answer is sent, so it may land a moment after the client has it.
+        wait_for(lambda: "GET /x" in gateway.log())
         log = gateway.log()
     finally:
         gateway.stop()

@@ -199,6 +199,12 @@ def test_the_readme_run_command_and_its_curl_block_work_as_written(cache_root: P
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             info = omni_pb2_grpc.OmniServiceStub(channel).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
         assert info.model == "omni-grpc/tiny-sd3" and info.default_height == 64 and info.spatial_multiple == 16
+        assert (info.family, info.capabilities.guidance, info.capabilities.negative_prompt) == (
+            "sd3",
+            pb.GUIDANCE_KIND_CFG,
+            True,
+        )
+        assert info.capabilities.output == pb.OUTPUT_KIND_IMAGE
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)

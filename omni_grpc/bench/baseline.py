@@ -10,14 +10,18 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 
 class DiffusersBaseline:
     def __init__(self, model: Path, adapters: list[Path]) -> None:
-        self.pipe = StableDiffusion3Pipeline.from_pretrained(str(model), text_encoder_3=None, tokenizer_3=None)
+        index = json.loads((model / "model_index.json").read_text())
+        # Components saved as [null, null] (SD3 without T5) are passed as None, or from_pretrained raises.
+        absent = {key: None for key, value in index.items() if isinstance(value, list) and value == [None, None]}
+        self.pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, **absent)
         self.pipe.set_progress_bar_config(disable=True)
+        denoiser = getattr(self.pipe, "transformer", None) or self.pipe.unet
         self.names: dict[Path, str] = {}
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         for i, folder in enumerate(adapters):
@@ -32,7 +36,7 @@ class DiffusersBaseline:
                 "target_modules": config["target_modules"],
             }
             # Passing the config as metadata is what makes alpha != r load right (see NOTES).
-            self.pipe.transformer.load_lora_adapter(state, prefix=None, adapter_name=f"a{i}", metadata=metadata)
+            denoiser.load_lora_adapter(state, prefix=None, adapter_name=f"a{i}", metadata=metadata)
             self.names[folder] = f"a{i}"
 
     def generate(self, *, adapter: Path | None, scale: float, size: int, steps: int, seed: int) -> float:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,23 +23,46 @@ SD3_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 class BenchModel:
     name: str
     path: Path
-    spec: TinySD3Spec
+    # The SD3 geometry its adapters are written for; None: adapters written by peft on its denoiser.
+    spec: TinySD3Spec | None
+
+
+def _cached(folder: Path, build: Callable[[Path], object]) -> Path:
+    """`folder`, built once (into a temporary folder renamed into place, so a half-built model is never used)."""
+    if not (folder / "model_index.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        build(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def bench_models(cache_root: Path) -> dict[str, BenchModel]:
     """The tiny default model and the small one (512x512, 8 layers, 8 heads x 32), cached."""
-    small = cache_root / "small-sd3-v1"
-    if not (small / "model_index.json").is_file():
-        cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".small-sd3.", dir=cache_root))
-        build_tiny_sd3(tmp, SMALL_SD3)
-        try:
-            os.rename(tmp, small)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+    small = _cached(cache_root / "small-sd3-v1", lambda out: build_tiny_sd3(out, SMALL_SD3))
     return {
         "tiny": BenchModel("tiny", default_model_dir(cache_root), TinySD3Spec()),
         "small": BenchModel("small", small, SMALL_SD3),
+    }
+
+
+def family_models(cache_root: Path) -> dict[str, BenchModel]:
+    """A tiny model of each other family (built from code, cached), for one mixed-workload row each."""
+    from omni_grpc.tiny_models.flux import build_tiny_flux
+    from omni_grpc.tiny_models.qwen_image import build_tiny_qwen_image
+    from omni_grpc.tiny_models.sdxl import build_tiny_sdxl
+
+    builders: dict[str, Callable[[Path], object]] = {
+        "sdxl": build_tiny_sdxl,
+        "flux": build_tiny_flux,
+        "qwen-image": build_tiny_qwen_image,
+    }
+    return {
+        name: BenchModel(name, _cached(cache_root / f"bench-{name}-v1", build), None)
+        for name, build in builders.items()
     }
 
 
@@ -70,8 +94,32 @@ def write_adapter(
     return folder
 
 
+def write_peft_adapter(folder: Path, model: Path, *, rank: int, seed: int) -> Path:
+    """A PEFT folder written by peft itself on the denoiser of the pipeline at `model` (attention projections),
+    with random weights; alpha = 2 r."""
+    import diffusers
+    from peft import LoraConfig, get_peft_model
+
+    index = json.loads((model / "model_index.json").read_text())
+    component = "unet" if "unet" in index else "transformer"
+    denoiser = getattr(diffusers, index[component][1]).from_pretrained(str(model / component))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(SD3_TARGETS), init_lora_weights="gaussian")
+        peft_model = get_peft_model(denoiser, config)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.05)
+    peft_model.save_pretrained(str(folder), save_embedding_layers=False)
+    return folder
+
+
 def adapter_set(root: Path, model: BenchModel, count: int, rank: int = 8) -> list[Path]:
-    return [write_adapter(root / f"{model.name}-r{rank}-{i:04d}", model.spec, rank=rank, seed=i) for i in range(count)]
+    folders = [root / f"{model.name}-r{rank}-{i:04d}" for i in range(count)]
+    if model.spec is None:
+        return [write_peft_adapter(folder, model.path, rank=rank, seed=i) for i, folder in enumerate(folders)]
+    return [write_adapter(folder, model.spec, rank=rank, seed=i) for i, folder in enumerate(folders)]
 
 
 def write_lycoris_file(

@@ -264,10 +264,13 @@ def switching_and_step(model: BenchModel, root: Path, *, size: int, iterations: 
 def lycoris_step(model: BenchModel, root: Path, *, size: int, repeat: int, rank: int = 8) -> list[Row]:
     """A denoising step with a LoHa and with a LoKr of rank `rank` (applied as their exact delta W, factored
     at load into one pair per module) against a step with a LoRA of that rank on the same modules."""
-    lora = write_adapter(root / f"{model.name}-step-lora", model.spec, rank=rank, seed=7)
+    spec = model.spec
+    if spec is None:
+        raise ValueError(f"{model.name}: the LyCORIS rows are written for an SD3 benchmark model")
+    lora = write_adapter(root / f"{model.name}-step-lora", spec, rank=rank, seed=7)
     files = {
         algorithm: write_lycoris_file(
-            root / f"{model.name}-step-{algorithm}.safetensors", model.spec, algorithm=algorithm, rank=rank, seed=8
+            root / f"{model.name}-step-{algorithm}.safetensors", spec, algorithm=algorithm, rank=rank, seed=8
         )
         for algorithm in ("loha", "lokr")
     }

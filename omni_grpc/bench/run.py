@@ -18,6 +18,7 @@ PROFILES = {
         "batch": {"batch": 4, "size": 256, "steps": 2, "repeat": 1},
         "switch": {"size": 256, "iterations": 300, "repeat": 5},
         "load": {"count": 11},
+        "family": {"requests": 8, "adapters": 4, "clients": 4, "size": 64, "steps": 2},
     },
     "full": {
         "tiny": {"requests": 48, "adapters": 16, "clients": 8, "size": 64, "steps": 8},
@@ -25,6 +26,7 @@ PROFILES = {
         "batch": {"batch": 4, "size": 512, "steps": 2, "repeat": 3},
         "switch": {"size": 512, "iterations": 2000, "repeat": 9},
         "load": {"count": 41},
+        "family": {"requests": 24, "adapters": 8, "clients": 8, "size": 64, "steps": 4},
     },
 }
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from omni_grpc.bench import measure, report
-    from omni_grpc.bench.fixtures import bench_models
+    from omni_grpc.bench.fixtures import bench_models, family_models
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     profile = PROFILES["quick" if args.quick else "full"]
@@ -60,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
         rows.extend(measure.lycoris_step(small, root, size=switch["size"], repeat=switch["repeat"]))
         for rank in (16, 64):
             rows.extend(measure.cold_load_and_memory(small, root, rank=rank, **profile["load"]))
+        for model in family_models(cache).values():
+            rows.append(measure.mixed_workload(model, root, **profile["family"]))
+            print(report.markdown(rows[-1:]).splitlines()[-1], flush=True)
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "profile": "quick" if args.quick else "full",

@@ -44,14 +44,6 @@ class Work:
     submitted: float
     timings: Timings
 
-    @property
-    def batch_key(self) -> tuple[int, int, int, bool, bool]:
-        # Requests of one shape share a denoising batch; guidance scales may differ, on/off may not.
-        # A negative prompt or none also may not: SDXL encodes "no negative prompt" as zeros, which
-        # it can only do for a whole batch.
-        r = self.request
-        return (r.height, r.width, r.steps, r.guidance_scale > 1, bool(r.negative_prompt))
-
 
 @dataclass
 class Done:
@@ -155,10 +147,7 @@ class BatchRunner:
             # Another batch may have had the model since this one's last step: put this one's state back. The
             # text encoders' part of the plan applies while the pipeline encodes the prompts, in its first turn.
             self._lora.activate(plan)
-            if used_guidance > 1:
-                pipeline.guidance.set(guidance, used_guidance)
-            else:
-                pipeline.guidance.clear()
+            pipeline.guidance.set(guidance, used_guidance)
 
         def on_step(step: int, latents: torch.Tensor) -> None:
             finite = torch.isfinite(latents.flatten(1)).all(1).tolist()

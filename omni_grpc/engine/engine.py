@@ -275,7 +275,9 @@ class Engine:
                 submitted=time.perf_counter(),
                 timings=admission.timings,
             )
-            admission.item = BatchItem(key=work.batch_key, size=len(valid.seeds), payload=work, steps=valid.steps)
+            admission.item = BatchItem(
+                key=self.pipeline.family.batch_key(valid), size=len(valid.seeds), payload=work, steps=valid.steps
+            )
         except BaseException as exc:
             admission.outcome = _outcome(exc)
             raise

@@ -208,3 +208,15 @@ def sd3_pipeline_names(transformer: nn.Module, text_encoders: Mapping[str, nn.Mo
         if component in text_encoders and prefix != "lora_te":  # sd-scripts numbers SD3's three encoders
             table.update(text_encoder_flat_names(prefix, component, adaptable(text_encoders[component])))
     return lambda _names: table
+
+
+def transformer_pipeline_names(transformer: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
+    """Transformer families without sd-scripts names of their own here (Flux): OneTrainer's lora_transformer_
+    and LyCORIS' lycoris_ diffusers names, and lora_te1_ / lora_te2_ for the text encoders."""
+    modules = adaptable(transformer)
+    table = flat_names("lora_transformer", "transformer", modules)
+    table.update(flat_names("lycoris", "transformer", modules))
+    for prefix, component in TEXT_ENCODER_PREFIXES.items():
+        if component in text_encoders and prefix != "lora_te":
+            table.update(text_encoder_flat_names(prefix, component, adaptable(text_encoders[component])))
+    return lambda _names: table

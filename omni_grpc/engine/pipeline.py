@@ -1,15 +1,11 @@
-"""Load a diffusers pipeline (local folder, hub id or the embedded default) and run it.
-
-Families: Stable Diffusion 3 / 3.5 (transformer denoiser) and Stable Diffusion 1.x/2.x and SDXL (UNet).
-"""
+"""Load a diffusers pipeline (local folder, hub id or the embedded default) and run it; what differs between
+model families is asked of the pipeline's family (`families/`)."""
 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,17 +19,14 @@ from PIL import Image as PILImage
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
-from omni_grpc.engine.kohya_names import KohyaTable, sd3_pipeline_names, unet_pipeline_names
+from omni_grpc.engine.families import FAMILIES, Capabilities, Family, family_of
+from omni_grpc.engine.families.base import BatchCall
+from omni_grpc.engine.guidance import SampleGuidance
+from omni_grpc.engine.kohya_names import KohyaTable
 from omni_grpc.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-# Pipeline class name -> family. The family decides which component is the denoiser.
-FAMILIES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Called after each denoising step with its index and the latents (one row per sample); may raise to stop.
 OnStep = Callable[[int, torch.Tensor], None]
@@ -42,7 +35,7 @@ OnStep = Callable[[int, torch.Tensor], None]
 @dataclass
 class LoadedPipeline:
     pipe: Any
-    family: str
+    family: Family
     model_name: str
     denoiser: nn.Module
     # Height and width must be multiples of this (VAE factor x patch size for transformers).
@@ -55,12 +48,13 @@ class LoadedPipeline:
     default_guidance: float
     device: torch.device
     dtype: torch.dtype
-    guidance: PerSampleGuidance
+    guidance: SampleGuidance
     # The parts adapters may adapt (the denoiser's component, then the text encoders'), by component name.
     lora_parts: dict[str, nn.Module]
     denoiser_component: str
     # The modules Kohya / LyCORIS names stand for in this pipeline.
     kohya_table: KohyaTable
+    capabilities: Capabilities
 
     def fresh_pipe(self) -> Any:
         """A pipeline object of its own for one call, sharing every model (about a millisecond): a call keeps
@@ -125,58 +119,47 @@ def load_pipeline(
         model_name = model
 
     model_name = served_name or model_name
-    family = FAMILIES.get(type(pipe).__name__)
+    family = family_of(pipe)
     if family is None:
-        raise ModelLoadError(f"'{model_name}' is a {type(pipe).__name__}; supported: {', '.join(sorted(FAMILIES))}")
+        supported = ", ".join(sorted(FAMILIES))
+        raise ModelLoadError(f"'{model_name}' is a {type(pipe).__name__}; supported: {supported}")
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=not progress_bar)
-    denoiser_component = "transformer" if family == "sd3" else "unet"
+    denoiser_component = family.denoisers[0]
     denoiser = getattr(pipe, denoiser_component)
     denoiser.eval()
     text_encoders = {
-        name: module
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
-        if isinstance(module := getattr(pipe, name, None), nn.Module)
+        name: module for name in family.text_encoders if isinstance(module := getattr(pipe, name, None), nn.Module)
     }
-    kohya_table = (sd3_pipeline_names if family == "sd3" else unet_pipeline_names)(denoiser, text_encoders)
-    spatial = int(pipe.vae_scale_factor)
-    max_side = None
-    if family == "sd3":
-        spatial *= int(denoiser.config.patch_size)
-        if denoiser.config.pos_embed_max_size:
-            max_side = int(denoiser.config.pos_embed_max_size) * spatial
-    else:
-        # The UNet pipelines refuse sizes that are not multiples of 8, whatever their VAE.
-        spatial = math.lcm(spatial, 8)
-    sample = int(getattr(pipe, "default_sample_size", None) or denoiser.config.sample_size)
-    defaults = inspect.signature(type(pipe).__call__).parameters
-    default_side = sample * int(pipe.vae_scale_factor)
+    geometry = family.geometry(pipe)
+    default_steps, default_guidance = family.defaults(pipe)
     loaded = LoadedPipeline(
         pipe=pipe,
         family=family,
         model_name=model_name,
         denoiser=denoiser,
-        spatial_multiple=spatial,
-        max_side=max_side,
-        default_height=default_side,
-        default_width=default_side,
-        default_steps=int(defaults["num_inference_steps"].default),
-        default_guidance=float(defaults["guidance_scale"].default),
+        spatial_multiple=geometry.spatial_multiple,
+        max_side=geometry.max_side,
+        default_height=geometry.default_side,
+        default_width=geometry.default_side,
+        default_steps=default_steps,
+        default_guidance=default_guidance,
         device=dev,
         dtype=torch_dtype,
-        guidance=PerSampleGuidance(denoiser),
+        guidance=family.guidance_hooks(pipe),
         lora_parts={denoiser_component: denoiser, **text_encoders},
         denoiser_component=denoiser_component,
-        kohya_table=kohya_table,
+        kohya_table=family.kohya_table(denoiser, text_encoders),
+        capabilities=family.capabilities(pipe),
     )
     log.info(
         "model loaded name=%s family=%s device=%s dtype=%s default=%dx%d steps=%d",
         model_name,
-        family,
+        family.name,
         dev,
         str(torch_dtype).removeprefix("torch."),
-        default_side,
-        default_side,
+        geometry.default_side,
+        geometry.default_side,
         loaded.default_steps,
     )
     return loaded
@@ -204,45 +187,6 @@ def _from_hub(model_id: str, torch_dtype: torch.dtype) -> Any:
             f"({reason}). If this machine cannot reach the hub, download the model elsewhere and pass its "
             "local diffusers folder, e.g. --model /models/stable-diffusion-3.5-medium"
         ) from exc
-
-
-class PerSampleGuidance:
-    """Lets one pipeline call use a different guidance scale for each sample.
-
-    The pipelines combine the unconditional and conditional predictions as u + G * (t - u) with one G.
-    Rewriting the conditional half to u + (g_i / G) * (t - u) before that makes it u + g_i * (t - u) for
-    sample i. Samples whose g_i equals G are left untouched, so a batch of equal scales is exact.
-    """
-
-    def __init__(self, denoiser: nn.Module) -> None:
-        self._ratios: torch.Tensor | None = None
-        denoiser.register_forward_hook(self._hook)
-
-    def set(self, scales: list[float], used: float) -> None:
-        """Per-sample guidance `scales`, for a call made with guidance_scale=`used`; clear() after."""
-        ratios = [g / used for g in scales]
-        self._ratios = None if all(r == 1.0 for r in ratios) else torch.tensor(ratios, dtype=torch.float64)
-
-    def clear(self) -> None:
-        self._ratios = None
-
-    def _hook(self, _module: nn.Module, _args: Any, output: Any) -> Any:
-        ratios = self._ratios
-        if ratios is None:
-            return None
-        pred = output[0] if isinstance(output, tuple) else output.sample
-        n = ratios.shape[0]
-        if pred.shape[0] != 2 * n:
-            raise RuntimeError(f"expected a guided batch of {2 * n} rows, got {pred.shape[0]}")
-        uncond, cond = pred[:n], pred[n:]
-        shape = (n,) + (1,) * (pred.ndim - 1)
-        r = ratios.to(device=pred.device, dtype=pred.dtype).view(shape)
-        rewritten = torch.where(r == 1.0, cond, uncond + r * (cond - uncond))
-        new = torch.cat([uncond, rewritten])
-        if isinstance(output, tuple):
-            return (new, *output[1:])
-        output.sample = new
-        return output
 
 
 @dataclass
@@ -275,18 +219,7 @@ def run_pipeline(
 
     # CPU generators give the same latents on every device, so a seed means the same image everywhere.
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    negatives = negative_prompts if any(negative_prompts) else None
-    output = loaded.fresh_pipe()(
-        prompt=prompts,
-        negative_prompt=negatives,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        num_images_per_prompt=1,
-        generator=generators,
-        output_type="np",
-        callback_on_step_end=step_end,
-    )
+    call = BatchCall(prompts, negative_prompts, height, width, steps, guidance_scale, generators, step_end)
+    output = loaded.fresh_pipe()(**loaded.family.call_kwargs(call))
     arrays = list(output.images)
     return PipelineOutput(images=loaded.pipe.image_processor.numpy_to_pil(output.images), arrays=arrays)

@@ -165,3 +165,20 @@ class AdapterInfo:
     components: list[str] = field(default_factory=lambda: ["denoiser"])
     # 1 at the first load; one more each time its files were found changed when read again.
     version: int = 1
+
+
+class GuidanceKind(enum.StrEnum):
+    # Classifier-free guidance on a doubled batch in one denoiser call; per-sample scales in one batch.
+    CFG = "cfg"
+    # Guidance distilled into the denoiser as an input (Flux dev); per-sample scales in one batch.
+    DISTILLED = "distilled"
+    # True classifier-free guidance as a second pass with the negative prompt (Qwen-Image); per-sample scales in
+    # one batch.
+    TRUE_CFG = "true-cfg"
+    # No guidance input at all (Flux schnell): guidance_scale is refused.
+    NONE = "none"
+
+
+class OutputKind(enum.StrEnum):
+    IMAGE = "image"
+    VIDEO = "video"

@@ -8,6 +8,7 @@ import secrets
 from dataclasses import dataclass
 
 from omni_grpc.config import Limits
+from omni_grpc.engine.families import GuidanceKind
 from omni_grpc.engine.pipeline import LoadedPipeline
 from omni_grpc.engine.types import GenerateRequest, LoraRequest
 from omni_grpc.errors import InvalidArgument
@@ -37,6 +38,18 @@ def validate_request(request: GenerateRequest, pipeline: LoadedPipeline, limits:
             raise InvalidArgument(
                 f"{field_name} has {len(text)} characters; the limit is {limits.max_prompt_chars}", field=field_name
             )
+    family = pipeline.family
+    if request.negative_prompt and not family.negative_prompt:
+        raise InvalidArgument(
+            f"negative_prompt: this model ({family.name}) does not use a negative prompt", field="negative_prompt"
+        )
+    guidance_kind = family.guidance_kind(pipeline.pipe)
+    if s.guidance_scale is not None and guidance_kind is GuidanceKind.NONE:
+        raise InvalidArgument(
+            f"sampling_params.guidance_scale: this model ({family.name}, {pipeline.model_name}) has no guidance "
+            "input; leave it unset",
+            field="sampling_params.guidance_scale",
+        )
     height = pipeline.default_height if s.height is None else s.height
     width = pipeline.default_width if s.width is None else s.width
     multiple = pipeline.spatial_multiple

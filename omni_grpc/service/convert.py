@@ -13,8 +13,10 @@ from omni_grpc.engine.types import (
     AdapterInfo,
     GenerateRequest,
     GenerateResult,
+    GuidanceKind,
     LoraRequest,
     OutputFormat,
+    OutputKind,
     SamplingParams,
 )
 from omni_grpc.errors import InvalidArgument
@@ -146,10 +148,24 @@ def unload_selector_from_pb(request: pb.UnloadAdapterRequest) -> UnloadSelector:
     raise InvalidArgument("UnloadAdapterRequest needs one of id, name or path", field="adapter")
 
 
+_OUTPUT_KINDS = {OutputKind.IMAGE: pb.OUTPUT_KIND_IMAGE, OutputKind.VIDEO: pb.OUTPUT_KIND_VIDEO}
+_GUIDANCE_KINDS = {
+    GuidanceKind.CFG: pb.GUIDANCE_KIND_CFG,
+    GuidanceKind.DISTILLED: pb.GUIDANCE_KIND_DISTILLED,
+    GuidanceKind.NONE: pb.GUIDANCE_KIND_NONE,
+    GuidanceKind.TRUE_CFG: pb.GUIDANCE_KIND_TRUE_CFG,
+}
+
+
 def server_info_to_pb(pipeline: LoadedPipeline, *, started_at: int) -> pb.GetServerInfoResponse:
     return pb.GetServerInfoResponse(
         model=pipeline.model_name,
-        family=pipeline.family,
+        family=pipeline.family.name,
+        capabilities=pb.Capabilities(
+            output=_OUTPUT_KINDS[pipeline.capabilities.output],
+            negative_prompt=pipeline.capabilities.negative_prompt,
+            guidance=_GUIDANCE_KINDS[pipeline.capabilities.guidance],
+        ),
         default_height=pipeline.default_height,
         default_width=pipeline.default_width,
         default_num_inference_steps=pipeline.default_steps,

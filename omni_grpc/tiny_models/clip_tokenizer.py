@@ -31,7 +31,7 @@ MODEL_MAX_LENGTH = 77
 NUM_MERGES = 400
 
 # Prompt-flavoured English so common words in image prompts become single tokens.
-_CORPUS = (
+CORPUS = (
     "A photo of a cat sitting on a red chair in the morning light.",
     "A painting of a squirrel eating a burger, oil on canvas, highly detailed.",
     "An astronaut riding a horse on the moon, digital art, trending on artstation.",
@@ -97,7 +97,7 @@ def _merge_word(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, .
     return tuple(out)
 
 
-def train_bpe(corpus: tuple[str, ...] = _CORPUS, num_merges: int = NUM_MERGES) -> list[tuple[str, str]]:
+def train_bpe(corpus: tuple[str, ...] = CORPUS, num_merges: int = NUM_MERGES) -> list[tuple[str, str]]:
     """Learn BPE merges greedily; ties break on the pair's string order, so no randomness."""
     words: Counter[tuple[str, ...]] = Counter()
     for sentence in corpus:

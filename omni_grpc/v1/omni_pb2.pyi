@@ -108,6 +108,62 @@ ADAPTER_TIER_DISK: AdapterTier.ValueType  # 3
 """Only on disk; read again when a request needs it."""
 Global___AdapterTier: _TypeAlias = AdapterTier  # noqa: Y015
 
+class _OutputKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_KIND_UNSPECIFIED: _OutputKind.ValueType  # 0
+    OUTPUT_KIND_IMAGE: _OutputKind.ValueType  # 1
+    OUTPUT_KIND_VIDEO: _OutputKind.ValueType  # 2
+
+class OutputKind(_OutputKind, metaclass=_OutputKindEnumTypeWrapper):
+    """What a family produces and how it is guided."""
+
+OUTPUT_KIND_UNSPECIFIED: OutputKind.ValueType  # 0
+OUTPUT_KIND_IMAGE: OutputKind.ValueType  # 1
+OUTPUT_KIND_VIDEO: OutputKind.ValueType  # 2
+Global___OutputKind: _TypeAlias = OutputKind  # noqa: Y015
+
+class _GuidanceKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GuidanceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GuidanceKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GUIDANCE_KIND_UNSPECIFIED: _GuidanceKind.ValueType  # 0
+    GUIDANCE_KIND_CFG: _GuidanceKind.ValueType  # 1
+    """Classifier-free guidance on a doubled batch (SD, SDXL, SD3): on when guidance_scale > 1; requests with
+    guidance on and off run in separate batches, different scales in one.
+    """
+    GUIDANCE_KIND_DISTILLED: _GuidanceKind.ValueType  # 2
+    """Guidance distilled into the model as an input (Flux dev): every scale in one batch."""
+    GUIDANCE_KIND_NONE: _GuidanceKind.ValueType  # 3
+    """No guidance input (Flux schnell): guidance_scale must be left unset."""
+    GUIDANCE_KIND_TRUE_CFG: _GuidanceKind.ValueType  # 4
+    """True classifier-free guidance, a second pass with the negative prompt (Qwen-Image: guidance_scale is its
+    true_cfg_scale, on when > 1 and a negative prompt is given); every scale in one batch.
+    """
+
+class GuidanceKind(_GuidanceKind, metaclass=_GuidanceKindEnumTypeWrapper):
+    """How a family applies guidance_scale."""
+
+GUIDANCE_KIND_UNSPECIFIED: GuidanceKind.ValueType  # 0
+GUIDANCE_KIND_CFG: GuidanceKind.ValueType  # 1
+"""Classifier-free guidance on a doubled batch (SD, SDXL, SD3): on when guidance_scale > 1; requests with
+guidance on and off run in separate batches, different scales in one.
+"""
+GUIDANCE_KIND_DISTILLED: GuidanceKind.ValueType  # 2
+"""Guidance distilled into the model as an input (Flux dev): every scale in one batch."""
+GUIDANCE_KIND_NONE: GuidanceKind.ValueType  # 3
+"""No guidance input (Flux schnell): guidance_scale must be left unset."""
+GUIDANCE_KIND_TRUE_CFG: GuidanceKind.ValueType  # 4
+"""True classifier-free guidance, a second pass with the negative prompt (Qwen-Image: guidance_scale is its
+true_cfg_scale, on when > 1 and a negative prompt is given); every scale in one batch.
+"""
+Global___GuidanceKind: _TypeAlias = GuidanceKind  # noqa: Y015
+
 @_typing.final
 class SamplingParams(_message.Message):
     """SamplingParams control the denoising. Every field is optional: unset means the model's default."""
@@ -722,12 +778,13 @@ class GetServerInfoResponse(_message.Message):
     SPATIAL_MULTIPLE_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The base model's name for clients: --served-model-name, else the hub id or the model folder's name (never
     its path), or "omni-grpc/tiny-sd3" for the embedded default.
     """
     family: _builtins.str
-    """Pipeline family: "sd3", "sd" or "sdxl"."""
+    """Pipeline family: "sd", "sdxl", "sd3", "flux" or "qwen-image"."""
     default_height: _builtins.int
     """Defaults used when SamplingParams leave a field unset."""
     default_width: _builtins.int
@@ -739,6 +796,10 @@ class GetServerInfoResponse(_message.Message):
     """When the server started, in seconds since the Unix epoch."""
     version: _builtins.str
     """The omni-grpc version serving."""
+    @_builtins.property
+    def capabilities(self) -> Global___Capabilities:
+        """What the model can do."""
+
     def __init__(
         self,
         *,
@@ -751,11 +812,40 @@ class GetServerInfoResponse(_message.Message):
         spatial_multiple: _builtins.int = ...,
         started_at: _builtins.int = ...,
         version: _builtins.str = ...,
+        capabilities: Global___Capabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_width", b"default_width", "family", b"family", "model", b"model", "spatial_multiple", b"spatial_multiple", "started_at", b"started_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_width", b"default_width", "family", b"family", "model", b"model", "spatial_multiple", b"spatial_multiple", "started_at", b"started_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class Capabilities(_message.Message):
+    """Capabilities of the served model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
+    GUIDANCE_FIELD_NUMBER: _builtins.int
+    output: Global___OutputKind.ValueType
+    negative_prompt: _builtins.bool
+    """Whether GenerateRequest.negative_prompt applies (else a request setting it is INVALID_ARGUMENT)."""
+    guidance: Global___GuidanceKind.ValueType
+    def __init__(
+        self,
+        *,
+        output: Global___OutputKind.ValueType = ...,
+        negative_prompt: _builtins.bool = ...,
+        guidance: Global___GuidanceKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance", b"guidance", "negative_prompt", b"negative_prompt", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Capabilities: _TypeAlias = Capabilities  # noqa: Y015

@@ -1,0 +1,51 @@
+"""Flux.1 (dev and schnell): a transformer on 2x2-packed latents, CLIP-L (pooled) and T5; guidance distilled
+into the model as an input (dev; schnell has none), so each sample of a batch takes its own scale; no
+negative prompt (the true-CFG mode of diffusers' pipeline is not served)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from omni_grpc.engine.families.base import BatchCall, Family, Geometry
+from omni_grpc.engine.guidance import DistilledGuidance, NoGuidance, SampleGuidance
+from omni_grpc.engine.kohya_names import KohyaTable, transformer_pipeline_names
+from omni_grpc.engine.types import GuidanceKind
+
+if TYPE_CHECKING:
+    from omni_grpc.engine.validation import ValidRequest
+
+
+class Flux(Family):
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    denoisers = ("transformer",)
+    negative_prompt = False
+
+    def guidance_kind(self, pipe: Any) -> GuidanceKind:
+        return GuidanceKind.DISTILLED if pipe.transformer.config.guidance_embeds else GuidanceKind.NONE
+
+    def guidance_hooks(self, pipe: Any) -> SampleGuidance:
+        if self.guidance_kind(pipe) is GuidanceKind.NONE:
+            return NoGuidance()
+        return DistilledGuidance(pipe.transformer)
+
+    def geometry(self, pipe: Any) -> Geometry:
+        # Latents are packed 2x2 into tokens; the pipeline's default side (1024) is fixed, not the model's.
+        return Geometry(
+            int(pipe.vae_scale_factor) * 2, None, int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        )
+
+    def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
+        return transformer_pipeline_names(denoiser, text_encoders)
+
+    def call_kwargs(self, call: BatchCall) -> dict[str, Any]:
+        kwargs = super().call_kwargs(call)
+        del kwargs["negative_prompt"]  # refused at validation: the family has none
+        return kwargs
+
+    def batch_key(self, request: ValidRequest) -> tuple[object, ...]:
+        # Every scale rides in one batch: guidance is a per-sample input, and there is no batch doubling.
+        return (request.height, request.width, request.steps)

@@ -1,0 +1,115 @@
+"""A tiny Flux.1-architecture pipeline built from code (random weights).
+
+Real Flux geometry in miniature: CLIP-L (its pooled output -> pooled_projection_dim), a T5 v1.1 encoder
+(-> joint_attention_dim), FluxTransformer2DModel (1 double-stream and 2 single-stream blocks, patch 1 on
+2x2-packed latents: in_channels = 4 x 16), a 4-block AutoencoderKL with 16 latent channels (8x), so sides
+are multiples of 16. `variant="dev"`: guidance embedded (distilled guidance) and dev's dynamic-shift
+scheduler; `"schnell"`: no guidance input, static shift 1.0. FluxPipeline's default side is fixed at 1024.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+from omni_grpc.tiny_models.clip_tokenizer import write_clip_tokenizer
+from omni_grpc.tiny_models.common import clip_config, replace_tokenizer, save_quietly, seeded
+from omni_grpc.tiny_models.t5_tokenizer import make_t5_tokenizer, t5_vocab_size
+
+HIDDEN = 32
+
+
+def t5_config(d_model: int = HIDDEN) -> T5Config:
+    # T5 v1.1's layout (gated-gelu FFN, untied, no biases), as T5-XXL in Flux and SD3.
+    return T5Config(
+        vocab_size=t5_vocab_size(),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def build_tiny_flux(out_dir: Path, seed: int = 0, variant: str = "dev") -> Path:
+    """Build a random-weight FluxPipeline into `out_dir` (a diffusers folder); returns it."""
+    if variant not in ("dev", "schnell"):
+        raise ValueError(f"variant must be dev or schnell, got {variant!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels x 2x2 packing
+            num_layers=1,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=HIDDEN,
+            pooled_projection_dim=HIDDEN,
+            guidance_embeds=variant == "dev",
+            axes_dims_rope=(4, 6, 6),  # sums to the head dim, as (16, 56, 56) does for 128
+        )
+    with seeded(seed + 1):
+        text_encoder = CLIPTextModel(clip_config(HIDDEN, HIDDEN, 64, 2, 4))
+    with seeded(seed + 2):
+        text_encoder_2 = T5EncoderModel(t5_config()).eval()
+    with seeded(seed + 3):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.3611,  # FLUX.1's VAE
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    if variant == "dev":
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer(Path(tok_dir))
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    # diffusers annotates the optional image-prompt parts as required: the parts go in as keywords.
+    parts: dict[str, Any] = {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": make_t5_tokenizer(model_max_length=512),
+        "transformer": transformer,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+    save_quietly(FluxPipeline(**parts), out_dir)
+    replace_tokenizer(out_dir, "tokenizer")
+    return out_dir
