@@ -461,6 +461,12 @@ class _StatusEcho(omni_pb2_grpc.OmniServiceServicer):
         context.abort(grpc.StatusCode[request.prompt], f"the server said {request.prompt}")
         raise AssertionError("unreachable")
 
+    def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        # The gateway asks once what the model makes before its first generation.
+        return pb.GetServerInfoResponse(family="sd3", capabilities=pb.Capabilities(output=pb.OUTPUT_KIND_IMAGE))
+
 
 @pytest.fixture(scope="module")
 def echo_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:

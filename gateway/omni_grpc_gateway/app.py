@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from omni_grpc_gateway.errors import install_error_handlers
 from omni_grpc_gateway.grpc_client import OmniClient
 from omni_grpc_gateway.middleware import AccessLog, BodyLimit, RequireJson
-from omni_grpc_gateway.routers import adapters, chat, health, images, models
+from omni_grpc_gateway.routers import adapters, chat, health, images, models, videos
 from omni_grpc_gateway.settings import GatewaySettings
 
 DESCRIPTION = """OpenAI-style JSON in front of the omni-grpc gRPC service.
@@ -38,7 +38,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
-    for router in (chat.router, images.router, models.router, health.router):
+    for router in (chat.router, images.router, videos.router, models.router, health.router):
         app.include_router(router)
     app.include_router(adapters.router, include_in_schema=settings.enable_lora_admin)
     # The last added is the outermost: the access log sees the 413s and 415s too.

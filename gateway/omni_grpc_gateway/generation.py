@@ -9,13 +9,27 @@ from fastapi import Request
 
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc_gateway.calls import rpc
+from omni_grpc_gateway.errors import ApiError
 from omni_grpc_gateway.grpc_client import OmniClient
 from omni_grpc_gateway.translate import Generation, select_adapter_by_model
 
+_ROUTES = {
+    pb.OUTPUT_KIND_IMAGE: "images: POST /v1/images/generations or /v1/chat/completions",
+    pb.OUTPUT_KIND_VIDEO: "videos: POST /v1/videos",
+}
+
 
 async def generate(
-    client: OmniClient, request: Request, model: str | None, generation: Generation
+    client: OmniClient,
+    request: Request,
+    model: str | None,
+    generation: Generation,
+    output: pb.OutputKind.ValueType = pb.OUTPUT_KIND_IMAGE,
 ) -> pb.GenerateResponse:
+    info = await rpc(client.model_info(), request=request)
+    made = info.capabilities.output or pb.OUTPUT_KIND_IMAGE
+    if made != output:  # refused before any work: a route for images on a video model, or the reverse
+        raise ApiError(400, f"this model ({info.family}) makes {_ROUTES[made]}", param="model")
     if model and not generation.has_adapter:
         # An adapter listed by /v1/models may be named as the model; any other name runs the base model
         # (one server serves one base model, and the guide's curl names its model, whatever is served).
@@ -24,5 +38,5 @@ async def generate(
             select_adapter_by_model(generation, model)
     response = await rpc(client.generate(generation.request), request=request, params=generation.params)
     request.state.adapter = ",".join(adapter.name for adapter in response.adapters) or "-"
-    request.state.images = len(response.images)
+    request.state.images = len(response.images) + len(response.videos)
     return response

@@ -22,6 +22,7 @@ class OmniClient:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self._settings = settings
+        self._model_info: pb.GetServerInfoResponse | None = None
         limit = settings.max_message_bytes
         options = [
             ("grpc.max_receive_message_length", limit),
@@ -47,6 +48,12 @@ class OmniClient:
 
     async def server_info(self) -> pb.GetServerInfoResponse:
         return await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._settings.health_timeout * 5)
+
+    async def model_info(self) -> pb.GetServerInfoResponse:
+        """GetServerInfo, asked once: a server serves one model for its lifetime."""
+        if self._model_info is None:
+            self._model_info = await self.server_info()
+        return self._model_info
 
     async def list_adapters(self, *, authorization: str | None = None) -> pb.ListAdaptersResponse:
         """The table; with an admin's Authorization header, adapters' server paths too."""

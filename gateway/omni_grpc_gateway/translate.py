@@ -130,6 +130,8 @@ def _fill_nested(body: GenerationFields, request: pb.GenerateRequest) -> None:
             guidance_scale=sp.guidance_scale,
             seed=sp.seed,
             num_images=sp.num_images,
+            num_frames=sp.num_frames,
+            fps=sp.fps,
         )
 
 
@@ -153,8 +155,10 @@ def _fill_flat(body: GenerationFields, request: pb.GenerateRequest, params: dict
         guidance_scale=body.guidance_scale,
         seed=body.seed,
         num_images=body.num_outputs_per_prompt,
+        num_frames=body.num_frames,
+        fps=body.fps,
     )
-    for name in ("height", "width", "num_inference_steps", "guidance_scale", "seed"):
+    for name in ("height", "width", "num_inference_steps", "guidance_scale", "seed", "num_frames", "fps"):
         params[f"sampling_params.{name}"] = "size" if body.size is not None and name in ("height", "width") else name
     params["negative_prompt"] = "negative_prompt"
 

@@ -180,6 +180,7 @@ class BatchRunner:
                 guidance_scale=used_guidance,
                 seeds=seeds,
                 on_step=on_step,
+                num_frames=first.num_frames or None,
             )
         finally:
             self._lora.activate(None)

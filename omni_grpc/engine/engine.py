@@ -23,7 +23,7 @@ from omni_grpc.config import EngineConfig
 from omni_grpc.engine.adapter_backend import LoadingBudget, PipelineAdapters
 from omni_grpc.engine.adapters import AdapterLease, AdapterTable, normalize_path, parse_lora_spec
 from omni_grpc.engine.batch_runner import BatchRunner, Done, StopCheck, Work, stop_check
-from omni_grpc.engine.imaging import encode_image
+from omni_grpc.engine.imaging import encode_image, encode_mp4
 from omni_grpc.engine.lora_set import LoraSet
 from omni_grpc.engine.path_policy import PathPolicy
 from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline
@@ -31,9 +31,11 @@ from omni_grpc.engine.types import (
     AdapterInfo,
     AppliedAdapter,
     GeneratedImage,
+    GeneratedVideo,
     GenerateRequest,
     GenerateResult,
     LoraRequest,
+    OutputFormat,
     Timings,
 )
 from omni_grpc.engine.validation import ValidRequest, requested_adapters, validate_request
@@ -303,15 +305,27 @@ class Engine:
         try:
             done: Done = admission.item.future.result()
             admission.batch_images = done.batch_images
-            images = [
-                GeneratedImage(image=img, seed=seed, array=arr)
-                for img, arr, seed in zip(done.images, done.arrays, valid.seeds, strict=True)
-            ]
+            images: list[GeneratedImage] = []
+            videos: list[GeneratedVideo] = []
+            if valid.num_frames:
+                videos = [
+                    GeneratedVideo(frames=frames, seed=seed, fps=valid.fps, array=arr)
+                    for frames, arr, seed in zip(done.images, done.arrays, valid.seeds, strict=True)
+                ]
+            else:
+                images = [
+                    GeneratedImage(image=img, seed=seed, array=arr)
+                    for img, arr, seed in zip(done.images, done.arrays, valid.seeds, strict=True)
+                ]
             if request.output_format is not None:
                 encoding = time.perf_counter()
                 for image in images:
                     image.data = encode_image(image.image, request.output_format)
                     image.mime_type = request.output_format.mime_type
+                for video in videos:
+                    video.data, video.mime_type = encode_mp4(video.frames, video.fps), "video/mp4"
+                    if valid.return_frames:
+                        video.frame_data = [encode_image(frame, OutputFormat.PNG) for frame in video.frames]
                 timings.encode_ms = (time.perf_counter() - encoding) * 1000
         except BaseException as exc:
             admission.outcome = _outcome(exc)
@@ -326,6 +340,7 @@ class Engine:
         ]
         return GenerateResult(
             images=images,
+            videos=videos,
             adapter=applied[0] if len(applied) == 1 else None,
             adapters=applied,
             timings=timings,

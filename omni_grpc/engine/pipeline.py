@@ -4,6 +4,7 @@ model families is asked of the pipeline's family (`families/`)."""
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -15,7 +16,6 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
-from PIL import Image as PILImage
 from torch import nn
 from transformers.utils import logging as transformers_logging
 
@@ -23,6 +23,7 @@ from omni_grpc.engine.families import FAMILIES, Capabilities, Family, family_of
 from omni_grpc.engine.families.base import BatchCall
 from omni_grpc.engine.guidance import SampleGuidance
 from omni_grpc.engine.kohya_names import KohyaTable
+from omni_grpc.engine.types import OutputKind
 from omni_grpc.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,11 @@ class LoadedPipeline:
         its progress in the pipeline and its scheduler, and calls in flight take turns on the models."""
         components = dict(self.pipe.components)
         components["scheduler"] = copy.deepcopy(self.pipe.scheduler)
-        pipe = type(self.pipe)(**components)
+        # And the settings the constructor takes besides components (Wan 2.2's boundary_ratio, SDXL's
+        # force_zeros_for_empty_prompt): without them the pipeline would run another model.
+        params = inspect.signature(type(self.pipe).__init__).parameters
+        settings = {k: self.pipe.config[k] for k in params if k not in components and k in self.pipe.config}
+        pipe = type(self.pipe)(**components, **settings)
         pipe.set_progress_bar_config(**getattr(self.pipe, "_progress_bar_config", {}))
         return pipe
 
@@ -140,8 +145,8 @@ def load_pipeline(
         denoiser=denoiser,
         spatial_multiple=geometry.spatial_multiple,
         max_side=geometry.max_side,
-        default_height=geometry.default_side,
-        default_width=geometry.default_side,
+        default_height=geometry.default_height,
+        default_width=geometry.default_width,
         default_steps=default_steps,
         default_guidance=default_guidance,
         device=dev,
@@ -158,8 +163,8 @@ def load_pipeline(
         family.name,
         dev,
         str(torch_dtype).removeprefix("torch."),
-        geometry.default_side,
-        geometry.default_side,
+        geometry.default_width,
+        geometry.default_height,
         loaded.default_steps,
     )
     return loaded
@@ -191,8 +196,9 @@ def _from_hub(model_id: str, torch_dtype: torch.dtype) -> Any:
 
 @dataclass
 class PipelineOutput:
-    images: list[PILImage.Image]
-    # The decoded images as float arrays in [0, 1] (H x W x 3), before the uint8 rounding.
+    # Per sample: a PIL image, or (video families) the list of its frames.
+    images: list[Any]
+    # The decoded images (H x W x 3) or videos (F x H x W x 3) as float arrays in [0, 1], before the uint8 rounding.
     arrays: list[Any]
 
 
@@ -207,6 +213,7 @@ def run_pipeline(
     guidance_scale: float,
     seeds: list[int],
     on_step: OnStep,
+    num_frames: int | None = None,
 ) -> PipelineOutput:
     """Run one pipeline call: sample i has prompts[i], negative_prompts[i] and seeds[i].
 
@@ -219,7 +226,11 @@ def run_pipeline(
 
     # CPU generators give the same latents on every device, so a seed means the same image everywhere.
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-    call = BatchCall(prompts, negative_prompts, height, width, steps, guidance_scale, generators, step_end)
+    call = BatchCall(prompts, negative_prompts, height, width, steps, guidance_scale, generators, step_end, num_frames)
     output = loaded.fresh_pipe()(**loaded.family.call_kwargs(call))
+    if loaded.capabilities.output is OutputKind.VIDEO:
+        videos = list(output.frames)  # B x (F x H x W x 3)
+        to_pil = loaded.pipe.video_processor.numpy_to_pil
+        return PipelineOutput(images=[to_pil(video) for video in videos], arrays=videos)
     arrays = list(output.images)
     return PipelineOutput(images=loaded.pipe.image_processor.numpy_to_pil(output.images), arrays=arrays)

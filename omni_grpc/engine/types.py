@@ -73,6 +73,9 @@ class SamplingParams:
     seed: int | None = None
     num_images: int = 1
     lora_request: LoraRequest | dict[str, Any] | None = None
+    # Video models only: frames per video and the MP4's frame rate.
+    num_frames: int | None = None
+    fps: int | None = None
 
 
 @dataclass
@@ -85,6 +88,8 @@ class GenerateRequest:
     loras: list[LoraRequest] = field(default_factory=list)
     # None: keep PIL images only (offline use); otherwise also encode them.
     output_format: OutputFormat | None = None
+    # Video models only: also encode every frame as a PNG.
+    return_frames: bool = False
 
 
 @dataclass
@@ -116,6 +121,31 @@ class GeneratedImage:
 
 
 @dataclass
+class GeneratedVideo:
+    frames: list[PILImage.Image]
+    seed: int
+    fps: int
+    # The decoded frames as floats in [0, 1] (F x H x W x 3), before rounding to 8 bits.
+    array: Any = None
+    # The MP4, when the request asked for encoded output; the frames as PNGs when it also set return_frames.
+    data: bytes | None = None
+    mime_type: str | None = None
+    frame_data: list[bytes] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return self.frames[0].width
+
+    @property
+    def height(self) -> int:
+        return self.frames[0].height
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+
+@dataclass
 class AppliedAdapter:
     id: int
     name: str
@@ -136,6 +166,8 @@ class GenerateResult:
     # The base model that served it.
     model: str = ""
     adapters: list[AppliedAdapter] = field(default_factory=list)
+    # On a video model: the videos (`images` is then empty).
+    videos: list[GeneratedVideo] = field(default_factory=list)
 
 
 @dataclass

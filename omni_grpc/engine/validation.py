@@ -27,6 +27,10 @@ class ValidRequest:
     steps: int
     guidance_scale: float
     seeds: list[int]
+    # Video families: frames per video and the MP4's rate (0 on an image model).
+    num_frames: int = 0
+    fps: int = 0
+    return_frames: bool = False
 
 
 def validate_request(request: GenerateRequest, pipeline: LoadedPipeline, limits: Limits) -> ValidRequest:
@@ -83,7 +87,10 @@ def validate_request(request: GenerateRequest, pipeline: LoadedPipeline, limits:
             f"sampling_params.num_images must be between 1 and {limits.max_images}, got {s.num_images}",
             field="sampling_params.num_images",
         )
-    work = steps * s.num_images * height * width / 2**20
+    num_frames, fps = _frames(request, pipeline)
+    rule = pipeline.capabilities.frames
+    # A video costs its latent frames (each the work of one image of its size).
+    work = steps * s.num_images * height * width / 2**20 * (rule.latent_frames(num_frames) if rule else 1)
     if work > limits.max_request_work:
         raise InvalidArgument(
             f"the request asks for {work:g} megapixel-steps (steps x images x height x width / 2^20); the limit "
@@ -104,7 +111,40 @@ def validate_request(request: GenerateRequest, pipeline: LoadedPipeline, limits:
         steps=steps,
         guidance_scale=guidance,
         seeds=[seed + i for i in range(s.num_images)],
+        num_frames=num_frames,
+        fps=fps,
+        return_frames=request.return_frames,
     )
+
+
+MAX_FPS = 120
+
+
+def _frames(request: GenerateRequest, pipeline: LoadedPipeline) -> tuple[int, int]:
+    """Frames and fps of a video request, checked against the family's rule; (0, 0) on an image model."""
+    s, rule, family = request.sampling, pipeline.capabilities.frames, pipeline.family.name
+    if rule is None:
+        for field_name, given in (
+            ("sampling_params.num_frames", s.num_frames is not None),
+            ("sampling_params.fps", s.fps is not None),
+            ("return_frames", request.return_frames),
+        ):
+            if given:
+                raise InvalidArgument(f"{field_name}: this model ({family}) makes images, not videos", field=field_name)
+        return 0, 0
+    frames = rule.default_frames if s.num_frames is None else s.num_frames
+    if not rule.min_frames <= frames <= rule.max_frames or (frames - rule.min_frames) % rule.step:
+        raise InvalidArgument(
+            f"sampling_params.num_frames must be {rule.min_frames} + {rule.step}k frames, at most {rule.max_frames}, "
+            f"for this model ({family}), got {frames}",
+            field="sampling_params.num_frames",
+        )
+    fps = rule.default_fps if s.fps is None else s.fps
+    if not 1 <= fps <= MAX_FPS:
+        raise InvalidArgument(
+            f"sampling_params.fps must be between 1 and {MAX_FPS}, got {fps}", field="sampling_params.fps"
+        )
+    return frames, fps
 
 
 def requested_adapters(request: GenerateRequest, limits: Limits) -> list[tuple[str, LoraRequest]]:

@@ -58,6 +58,8 @@ def generate_request_from_pb(request: pb.GenerateRequest) -> GenerateRequest:
         guidance_scale=_optional(sp, "guidance_scale"),
         seed=_optional(sp, "seed"),
         num_images=sp.num_images if sp.HasField("num_images") else 1,
+        num_frames=sp.num_frames if sp.HasField("num_frames") else None,
+        fps=sp.fps if sp.HasField("fps") else None,
     )
     return GenerateRequest(
         prompt=request.prompt,
@@ -66,6 +68,7 @@ def generate_request_from_pb(request: pb.GenerateRequest) -> GenerateRequest:
         lora=_lora_from_pb(request.lora_request) if request.HasField("lora_request") else None,
         loras=[_lora_from_pb(lora) for lora in request.loras],
         output_format=_OUTPUT_FORMATS[request.output_format],
+        return_frames=request.return_frames,
     )
 
 
@@ -98,6 +101,22 @@ def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
         batch_size=result.batch_size,
         model=result.model,
         adapters=[pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale) for a in result.adapters],
+        videos=[
+            pb.Video(
+                data=video.data or b"",
+                mime_type=video.mime_type or "",
+                width=video.width,
+                height=video.height,
+                num_frames=video.num_frames,
+                fps=video.fps,
+                seed=video.seed,
+                frames=[
+                    pb.Image(data=png, mime_type="image/png", width=video.width, height=video.height, seed=video.seed)
+                    for png in video.frame_data
+                ],
+            )
+            for video in result.videos
+        ],
     )
     if result.adapter is not None:
         response.adapter.CopyFrom(response.adapters[0])
@@ -157,6 +176,19 @@ _GUIDANCE_KINDS = {
 }
 
 
+def _frame_capabilities(pipeline: LoadedPipeline) -> dict[str, int]:
+    rule = pipeline.capabilities.frames
+    if rule is None:
+        return {}
+    return {
+        "min_frames": rule.min_frames,
+        "max_frames": rule.max_frames,
+        "frame_step": rule.step,
+        "default_frames": rule.default_frames,
+        "default_fps": rule.default_fps,
+    }
+
+
 def server_info_to_pb(pipeline: LoadedPipeline, *, started_at: int) -> pb.GetServerInfoResponse:
     return pb.GetServerInfoResponse(
         model=pipeline.model_name,
@@ -165,6 +197,7 @@ def server_info_to_pb(pipeline: LoadedPipeline, *, started_at: int) -> pb.GetSer
             output=_OUTPUT_KINDS[pipeline.capabilities.output],
             negative_prompt=pipeline.capabilities.negative_prompt,
             guidance=_GUIDANCE_KINDS[pipeline.capabilities.guidance],
+            **_frame_capabilities(pipeline),
         ),
         default_height=pipeline.default_height,
         default_width=pipeline.default_width,

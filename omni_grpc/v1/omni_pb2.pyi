@@ -134,8 +134,8 @@ class _GuidanceKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Guidance
     DESCRIPTOR: _descriptor.EnumDescriptor
     GUIDANCE_KIND_UNSPECIFIED: _GuidanceKind.ValueType  # 0
     GUIDANCE_KIND_CFG: _GuidanceKind.ValueType  # 1
-    """Classifier-free guidance on a doubled batch (SD, SDXL, SD3): on when guidance_scale > 1; requests with
-    guidance on and off run in separate batches, different scales in one.
+    """Classifier-free guidance (SD, SDXL, SD3 on a doubled batch; Wan as two passes): on when guidance_scale > 1;
+    requests with guidance on and off run in separate batches, different scales in one.
     """
     GUIDANCE_KIND_DISTILLED: _GuidanceKind.ValueType  # 2
     """Guidance distilled into the model as an input (Flux dev): every scale in one batch."""
@@ -151,8 +151,8 @@ class GuidanceKind(_GuidanceKind, metaclass=_GuidanceKindEnumTypeWrapper):
 
 GUIDANCE_KIND_UNSPECIFIED: GuidanceKind.ValueType  # 0
 GUIDANCE_KIND_CFG: GuidanceKind.ValueType  # 1
-"""Classifier-free guidance on a doubled batch (SD, SDXL, SD3): on when guidance_scale > 1; requests with
-guidance on and off run in separate batches, different scales in one.
+"""Classifier-free guidance (SD, SDXL, SD3 on a doubled batch; Wan as two passes): on when guidance_scale > 1;
+requests with guidance on and off run in separate batches, different scales in one.
 """
 GUIDANCE_KIND_DISTILLED: GuidanceKind.ValueType  # 2
 """Guidance distilled into the model as an input (Flux dev): every scale in one batch."""
@@ -176,6 +176,8 @@ class SamplingParams(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     NUM_IMAGES_FIELD_NUMBER: _builtins.int
+    NUM_FRAMES_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
     height: _builtins.int
     """Image height in pixels; a multiple of the model's spatial factor (16 for SD3, 8 for SD 1.5 / SDXL)."""
     width: _builtins.int
@@ -187,7 +189,13 @@ class SamplingParams(_message.Message):
     seed: _builtins.int
     """Seed of image 0; image i uses seed + i. Unset: a random seed, returned in each Image."""
     num_images: _builtins.int
-    """Number of images for this prompt (default 1)."""
+    """Number of images (videos, on a video model) for this prompt (default 1)."""
+    num_frames: _builtins.int
+    """Video models only (GetServerInfo.capabilities): frames per video, within the family's rule (Wan: 4k+1, up
+    to capabilities.max_frames). Unset: the family's default. On an image model it is INVALID_ARGUMENT.
+    """
+    fps: _builtins.int
+    """Video models only: frames per second of the MP4 (1-120; default capabilities.default_fps)."""
     def __init__(
         self,
         *,
@@ -197,15 +205,21 @@ class SamplingParams(_message.Message):
         guidance_scale: _builtins.float | None = ...,
         seed: _builtins.int | None = ...,
         num_images: _builtins.int | None = ...,
+        num_frames: _builtins.int | None = ...,
+        fps: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_frames", b"_num_frames", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_width", b"_width", "fps", b"fps", "guidance_scale", b"guidance_scale", "height", b"height", "num_frames", b"num_frames", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_width", b"_width", "guidance_scale", b"guidance_scale", "height", b"height", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fps", b"_fps", "_guidance_scale", b"_guidance_scale", "_height", b"_height", "_num_frames", b"_num_frames", "_num_images", b"_num_images", "_num_inference_steps", b"_num_inference_steps", "_seed", b"_seed", "_width", b"_width", "fps", b"fps", "guidance_scale", b"guidance_scale", "height", b"height", "num_frames", b"num_frames", "num_images", b"num_images", "num_inference_steps", b"num_inference_steps", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__fps: _TypeAlias = _typing.Literal["fps"]  # noqa: Y015
+    _WhichOneofArgType__fps: _TypeAlias = _typing.Literal["_fps", b"_fps"]  # noqa: Y015
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
     _WhichOneofArgType__height: _TypeAlias = _typing.Literal["_height", b"_height"]  # noqa: Y015
+    _WhichOneofReturnType__num_frames: _TypeAlias = _typing.Literal["num_frames"]  # noqa: Y015
+    _WhichOneofArgType__num_frames: _TypeAlias = _typing.Literal["_num_frames", b"_num_frames"]  # noqa: Y015
     _WhichOneofReturnType__num_images: _TypeAlias = _typing.Literal["num_images"]  # noqa: Y015
     _WhichOneofArgType__num_images: _TypeAlias = _typing.Literal["_num_images", b"_num_images"]  # noqa: Y015
     _WhichOneofReturnType__num_inference_steps: _TypeAlias = _typing.Literal["num_inference_steps"]  # noqa: Y015
@@ -215,9 +229,13 @@ class SamplingParams(_message.Message):
     _WhichOneofReturnType__width: _TypeAlias = _typing.Literal["width"]  # noqa: Y015
     _WhichOneofArgType__width: _TypeAlias = _typing.Literal["_width", b"_width"]  # noqa: Y015
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fps) -> _WhichOneofReturnType__fps | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__height) -> _WhichOneofReturnType__height | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__num_frames) -> _WhichOneofReturnType__num_frames | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_images) -> _WhichOneofReturnType__num_images | None: ...
     @_typing.overload
@@ -285,11 +303,14 @@ class GenerateRequest(_message.Message):
     LORA_REQUEST_FIELD_NUMBER: _builtins.int
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    RETURN_FRAMES_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text prompt."""
     negative_prompt: _builtins.str
     """What the image should not show (used when guidance is on)."""
     output_format: Global___OutputFormat.ValueType
+    return_frames: _builtins.bool
+    """Video models only: also return every frame as a lossless PNG (Video.frames)."""
     @_builtins.property
     def sampling_params(self) -> Global___SamplingParams: ...
     @_builtins.property
@@ -313,14 +334,63 @@ class GenerateRequest(_message.Message):
         lora_request: Global___LoraRequest | None = ...,
         output_format: Global___OutputFormat.ValueType = ...,
         loras: _abc.Iterable[Global___LoraRequest] | None = ...,
+        return_frames: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lora_request", b"lora_request", "sampling_params", b"sampling_params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora_request", b"lora_request", "loras", b"loras", "negative_prompt", b"negative_prompt", "output_format", b"output_format", "prompt", b"prompt", "sampling_params", b"sampling_params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lora_request", b"lora_request", "loras", b"loras", "negative_prompt", b"negative_prompt", "output_format", b"output_format", "prompt", b"prompt", "return_frames", b"return_frames", "sampling_params", b"sampling_params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class Video(_message.Message):
+    """Video is one generated video."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    NUM_FRAMES_FIELD_NUMBER: _builtins.int
+    FPS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    FRAMES_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The encoded video: MP4 (H.264, yuv420p)."""
+    mime_type: _builtins.str
+    """The MIME type of data: "video/mp4"."""
+    width: _builtins.int
+    height: _builtins.int
+    num_frames: _builtins.int
+    fps: _builtins.int
+    seed: _builtins.int
+    """The seed that reproduces this video alone (num_images = 1)."""
+    @_builtins.property
+    def frames(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]:
+        """Every frame as a PNG, when the request set return_frames."""
+
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        mime_type: _builtins.str = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        num_frames: _builtins.int = ...,
+        fps: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        frames: _abc.Iterable[Global___Image] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "fps", b"fps", "frames", b"frames", "height", b"height", "mime_type", b"mime_type", "num_frames", b"num_frames", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Video: _TypeAlias = Video  # noqa: Y015
 
 @_typing.final
 class Image(_message.Message):
@@ -442,6 +512,7 @@ class GenerateResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    VIDEOS_FIELD_NUMBER: _builtins.int
     num_inference_steps: _builtins.int
     """The number of denoising steps that ran."""
     guidance_scale: _builtins.float
@@ -462,6 +533,10 @@ class GenerateResponse(_message.Message):
     def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedAdapter]:
         """Every adapter applied, in request order (`adapter` holds the same when exactly one was)."""
 
+    @_builtins.property
+    def videos(self) -> _containers.RepeatedCompositeFieldContainer[Global___Video]:
+        """The videos, on a video model (`images` is then empty)."""
+
     def __init__(
         self,
         *,
@@ -473,10 +548,11 @@ class GenerateResponse(_message.Message):
         batch_size: _builtins.int = ...,
         model: _builtins.str = ...,
         adapters: _abc.Iterable[Global___AppliedAdapter] | None = ...,
+        videos: _abc.Iterable[Global___Video] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "batch_size", b"batch_size", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "num_inference_steps", b"num_inference_steps", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "batch_size", b"batch_size", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "num_inference_steps", b"num_inference_steps", "timings", b"timings", "videos", b"videos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -784,7 +860,7 @@ class GetServerInfoResponse(_message.Message):
     its path), or "omni-grpc/tiny-sd3" for the embedded default.
     """
     family: _builtins.str
-    """Pipeline family: "sd", "sdxl", "sd3", "flux" or "qwen-image"."""
+    """Pipeline family: "sd", "sdxl", "sd3", "flux", "qwen-image" or "wan"."""
     default_height: _builtins.int
     """Defaults used when SamplingParams leave a field unset."""
     default_width: _builtins.int
@@ -831,20 +907,36 @@ class Capabilities(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
     GUIDANCE_FIELD_NUMBER: _builtins.int
+    MIN_FRAMES_FIELD_NUMBER: _builtins.int
+    MAX_FRAMES_FIELD_NUMBER: _builtins.int
+    FRAME_STEP_FIELD_NUMBER: _builtins.int
+    DEFAULT_FRAMES_FIELD_NUMBER: _builtins.int
+    DEFAULT_FPS_FIELD_NUMBER: _builtins.int
     output: Global___OutputKind.ValueType
     negative_prompt: _builtins.bool
     """Whether GenerateRequest.negative_prompt applies (else a request setting it is INVALID_ARGUMENT)."""
     guidance: Global___GuidanceKind.ValueType
+    min_frames: _builtins.int
+    """Video models: frames per video lie in [min_frames, max_frames] and are min_frames + k * frame_step."""
+    max_frames: _builtins.int
+    frame_step: _builtins.int
+    default_frames: _builtins.int
+    default_fps: _builtins.int
     def __init__(
         self,
         *,
         output: Global___OutputKind.ValueType = ...,
         negative_prompt: _builtins.bool = ...,
         guidance: Global___GuidanceKind.ValueType = ...,
+        min_frames: _builtins.int = ...,
+        max_frames: _builtins.int = ...,
+        frame_step: _builtins.int = ...,
+        default_frames: _builtins.int = ...,
+        default_fps: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance", b"guidance", "negative_prompt", b"negative_prompt", "output", b"output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_fps", b"default_fps", "default_frames", b"default_frames", "frame_step", b"frame_step", "guidance", b"guidance", "max_frames", b"max_frames", "min_frames", b"min_frames", "negative_prompt", b"negative_prompt", "output", b"output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

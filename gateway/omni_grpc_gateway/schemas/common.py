@@ -166,6 +166,8 @@ class SamplingParamsBody(StrictBody):
     seed: Seed | None = None
     negative_prompt: str | None = None
     num_images: Uint32 | None = Field(None, description="Images for this prompt (default 1).")
+    num_frames: Uint32 | None = Field(None, description="Video models: frames per video (Wan: 4k+1).")
+    fps: Uint32 | None = Field(None, description="Video models: frames per second of the MP4.")
 
 
 class GenerationFields(StrictBody):
@@ -184,6 +186,8 @@ class GenerationFields(StrictBody):
     negative_prompt: str | None = None
     seed: Seed | None = None
     num_outputs_per_prompt: Uint32 | None = None
+    num_frames: Uint32 | None = Field(None, description="Video models: frames per video (Wan: 4k+1).")
+    fps: Uint32 | None = Field(None, description="Video models: frames per second of the MP4.")
     # Either shape.
     loras: list[LoraItemBody] | None = Field(
         None,
@@ -205,4 +209,6 @@ FLAT_FIELDS = (
     "negative_prompt",
     "seed",
     "num_outputs_per_prompt",
+    "num_frames",
+    "fps",
 )

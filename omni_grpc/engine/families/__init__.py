@@ -10,10 +10,13 @@ from omni_grpc.engine.families.qwen_image import QwenImage
 from omni_grpc.engine.families.sd import StableDiffusion
 from omni_grpc.engine.families.sd3 import StableDiffusion3
 from omni_grpc.engine.families.sdxl import StableDiffusionXL
+from omni_grpc.engine.families.wan import Wan
 from omni_grpc.engine.types import GuidanceKind, OutputKind
 
+# Pipeline class name -> its family.
 FAMILIES: dict[str, Family] = {
-    f.pipeline_class: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), QwenImage())
+    f.pipeline_class: f
+    for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), QwenImage(), Wan())
 }
 
 __all__ = ["FAMILIES", "Capabilities", "Family", "Geometry", "GuidanceKind", "OutputKind", "family_of"]

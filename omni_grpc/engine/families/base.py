@@ -29,7 +29,22 @@ class Geometry:
     spatial_multiple: int
     # Largest height or width the denoiser can take (SD3's position table bounds it); None: no bound.
     max_side: int | None
-    default_side: int
+    default_height: int
+    default_width: int
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """A video family's frames: min_frames + k * step up to max_frames (each step is one latent frame)."""
+
+    min_frames: int
+    step: int
+    max_frames: int
+    default_frames: int
+    default_fps: int
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - self.min_frames) // self.step + 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,8 @@ class Capabilities:
     output: OutputKind
     negative_prompt: bool
     guidance: GuidanceKind
+    # Video families only.
+    frames: FrameRule | None = None
 
 
 @dataclass
@@ -53,6 +70,8 @@ class BatchCall:
     guidance_scale: float
     generators: list[torch.Generator]
     on_step_end: Callable[..., dict[str, Any]]
+    # Video families only.
+    num_frames: int | None = None
 
 
 class Family:
@@ -65,6 +84,7 @@ class Family:
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     output: ClassVar[OutputKind] = OutputKind.IMAGE
     negative_prompt: ClassVar[bool] = True
+    frames: ClassVar[FrameRule | None] = None
 
     def guidance_kind(self, pipe: Any) -> GuidanceKind:
         return GuidanceKind.CFG
@@ -81,7 +101,7 @@ class Family:
         # The UNet pipelines refuse sizes that are not multiples of 8, whatever their VAE.
         vae = int(pipe.vae_scale_factor)
         sample = int(getattr(pipe, "default_sample_size", None) or getattr(pipe, self.denoisers[0]).config.sample_size)
-        return Geometry(math.lcm(vae, 8), None, sample * vae)
+        return Geometry(math.lcm(vae, 8), None, sample * vae, sample * vae)
 
     def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
         from omni_grpc.engine.kohya_names import unet_pipeline_names
@@ -111,4 +131,4 @@ class Family:
         return (request.height, request.width, request.steps, request.guidance_scale > 1, bool(request.negative_prompt))
 
     def capabilities(self, pipe: Any) -> Capabilities:
-        return Capabilities(self.output, self.negative_prompt, self.guidance_kind(pipe))
+        return Capabilities(self.output, self.negative_prompt, self.guidance_kind(pipe), self.frames)

@@ -34,9 +34,9 @@ class Flux(Family):
 
     def geometry(self, pipe: Any) -> Geometry:
         # Latents are packed 2x2 into tokens; the pipeline's default side (1024) is fixed, not the model's.
-        return Geometry(
-            int(pipe.vae_scale_factor) * 2, None, int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        )
+        vae = int(pipe.vae_scale_factor)
+        side = int(pipe.default_sample_size) * vae
+        return Geometry(vae * 2, None, side, side)
 
     def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
         return transformer_pipeline_names(denoiser, text_encoders)

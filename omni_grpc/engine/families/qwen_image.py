@@ -38,7 +38,8 @@ class QwenImage(Family):
     def geometry(self, pipe: Any) -> Geometry:
         # 2x2 patches over the 8x VAE; the pipeline's default side (1024) is fixed, not the model's.
         vae = int(pipe.vae_scale_factor)
-        return Geometry(vae * 2, None, int(pipe.default_sample_size) * vae)
+        side = int(pipe.default_sample_size) * vae
+        return Geometry(vae * 2, None, side, side)
 
     def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
         return transformer_pipeline_names(denoiser, text_encoders)

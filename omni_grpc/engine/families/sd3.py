@@ -21,7 +21,8 @@ class StableDiffusion3(Family):
         config = pipe.transformer.config
         spatial = int(pipe.vae_scale_factor) * int(config.patch_size)
         max_side = int(config.pos_embed_max_size) * spatial if config.pos_embed_max_size else None
-        return Geometry(spatial, max_side, int(pipe.default_sample_size) * int(pipe.vae_scale_factor))
+        side = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        return Geometry(spatial, max_side, side, side)
 
     def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
         return sd3_pipeline_names(denoiser, text_encoders)
