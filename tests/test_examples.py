@@ -98,3 +98,17 @@ def test_offline_example_missing_adapter_fails_clearly(cache_root: Path, tmp_pat
     with pytest.raises(NotFound, match="does not exist on the server machine") as error:
         run_in_process("--prompt", "x", "--lora-request-path", str(missing), "--output", str(tmp_path / "x.png"))
     assert str(missing) in error.value.message
+
+
+def test_offline_example_writes_an_mp4_on_a_video_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import av
+
+    from omni_grpc.tiny_models.wan import build_tiny_wan
+
+    model = build_tiny_wan(tmp_path / "wan")
+    args = ["--model", str(model), "--prompt", "a cat", "--num-inference-steps", "2", "--height", "32", "--width", "48"]
+    assert run_in_process(*args, "--num-frames", "5", "--fps", "8", "--output", str(tmp_path / "out.png")) == 0
+    assert "5 frames at 8 fps" in capsys.readouterr().out
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height, len(list(container.decode(stream)))) == (48, 32, 5)

@@ -13,9 +13,12 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
+from omni_grpc.engine.imaging import encode_mp4
+
 
 class DiffusersBaseline:
-    def __init__(self, model: Path, adapters: list[Path]) -> None:
+    def __init__(self, model: Path, adapters: list[Path], *, frames: int | None = None) -> None:
+        self.frames = frames
         index = json.loads((model / "model_index.json").read_text())
         # Components saved as [null, null] (SD3 without T5) are passed as None, or from_pretrained raises.
         absent = {key: None for key, value in index.items() if isinstance(value, list) and value == [None, None]}
@@ -47,13 +50,19 @@ class DiffusersBaseline:
         else:
             self.pipe.enable_lora()
             self.pipe.set_adapters([self.names[adapter]], adapter_weights=[scale])
-        image = self.pipe(
+        video = {"num_frames": self.frames} if self.frames else {}
+        output = self.pipe(
             prompt="a benchmark prompt",
             height=size,
             width=size,
             num_inference_steps=steps,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="pil",
-        ).images[0]
-        image.save(io.BytesIO(), format="PNG")  # a service hands out encoded images, as omni-grpc does
+            **video,
+        )
+        # A service hands out encoded images (or MP4s), as omni-grpc does.
+        if self.frames:
+            encode_mp4(output.frames[0], 16)
+        else:
+            output.images[0].save(io.BytesIO(), format="PNG")
         return time.perf_counter() - started

@@ -25,6 +25,8 @@ class BenchModel:
     path: Path
     # The SD3 geometry its adapters are written for; None: adapters written by peft on its denoiser.
     spec: TinySD3Spec | None
+    # Video models: frames per request.
+    frames: int | None = None
 
 
 def _cached(folder: Path, build: Callable[[Path], object]) -> Path:
@@ -54,14 +56,17 @@ def family_models(cache_root: Path) -> dict[str, BenchModel]:
     from omni_grpc.tiny_models.flux import build_tiny_flux
     from omni_grpc.tiny_models.qwen_image import build_tiny_qwen_image
     from omni_grpc.tiny_models.sdxl import build_tiny_sdxl
+    from omni_grpc.tiny_models.wan import build_tiny_wan
 
     builders: dict[str, Callable[[Path], object]] = {
         "sdxl": build_tiny_sdxl,
         "flux": build_tiny_flux,
         "qwen-image": build_tiny_qwen_image,
+        "wan": build_tiny_wan,
     }
+    frames = {"wan": 5}
     return {
-        name: BenchModel(name, _cached(cache_root / f"bench-{name}-v1", build), None)
+        name: BenchModel(name, _cached(cache_root / f"bench-{name}-v1", build), None, frames.get(name))
         for name, build in builders.items()
     }
 

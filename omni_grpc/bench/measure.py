@@ -65,7 +65,7 @@ def mixed_workload(
     paths = adapter_set(root, model, adapters)
     trace = [(paths[i % adapters] if i % 5 else None, 0.5 + 0.25 * (i % 4), i) for i in range(requests)]
 
-    baseline = DiffusersBaseline(model.path, paths)
+    baseline = DiffusersBaseline(model.path, paths, frames=model.frames)
     baseline.generate(adapter=paths[0], scale=1.0, size=size, steps=steps, seed=0)  # warm-up
     started = time.perf_counter()
     for adapter, scale, seed in trace:
@@ -94,7 +94,9 @@ def mixed_workload(
             adapter, scale, seed = item
             request = pb.GenerateRequest(
                 prompt="a benchmark prompt",
-                sampling_params=pb.SamplingParams(height=size, width=size, num_inference_steps=steps, seed=seed),
+                sampling_params=pb.SamplingParams(
+                    height=size, width=size, num_inference_steps=steps, seed=seed, num_frames=model.frames
+                ),
             )
             if adapter is not None:
                 request.lora_request.CopyFrom(pb.LoraRequest(path=str(adapter), scale=scale))
@@ -108,7 +110,8 @@ def mixed_workload(
         channel.close()
     ratio = ours_rps / base_rps
     return Row(
-        f"mixed workload, {model.name} model ({size}px, {steps} steps): {requests} requests, {adapters} adapters, "
+        f"mixed workload, {model.name} model ({size}px{f', {model.frames} frames' if model.frames else ''}, {steps} "
+        f"steps): {requests} requests, {adapters} adapters, "
         f"{clients} clients",
         ours_rps,
         base_rps,

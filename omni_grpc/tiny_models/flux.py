@@ -19,29 +19,9 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 from omni_grpc.tiny_models.clip_tokenizer import write_clip_tokenizer
 from omni_grpc.tiny_models.common import clip_config, replace_tokenizer, save_quietly, seeded
-from omni_grpc.tiny_models.t5_tokenizer import make_t5_tokenizer, t5_vocab_size
+from omni_grpc.tiny_models.t5_tokenizer import make_t5_tokenizer, t5_encoder_settings
 
 HIDDEN = 32
-
-
-def t5_config(d_model: int = HIDDEN) -> T5Config:
-    # T5 v1.1's layout (gated-gelu FFN, untied, no biases), as T5-XXL in Flux and SD3.
-    return T5Config(
-        vocab_size=t5_vocab_size(),
-        d_model=d_model,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
-        feed_forward_proj="gated-gelu",
-        dropout_rate=0.0,
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
 
 
 def build_tiny_flux(out_dir: Path, seed: int = 0, variant: str = "dev") -> Path:
@@ -66,7 +46,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0, variant: str = "dev") -> Path:
     with seeded(seed + 1):
         text_encoder = CLIPTextModel(clip_config(HIDDEN, HIDDEN, 64, 2, 4))
     with seeded(seed + 2):
-        text_encoder_2 = T5EncoderModel(t5_config()).eval()
+        text_encoder_2 = T5EncoderModel(T5Config(**t5_encoder_settings(HIDDEN))).eval()
     with seeded(seed + 3):
         vae = AutoencoderKL(
             in_channels=3,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import string
+from typing import Any
 
 from transformers import T5Tokenizer
 
@@ -43,3 +44,24 @@ def make_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
 
 def t5_vocab_size() -> int:
     return len(unigram_vocab())
+
+
+def t5_encoder_settings(d_model: int) -> dict[str, Any]:
+    """A tiny T5 v1.1-layout encoder (gated-gelu FFN, no biases, as T5-XXL in Flux and SD3, and UMT5 in Wan),
+    sized to this tokenizer: keywords for T5Config or UMT5Config."""
+    return {
+        "vocab_size": t5_vocab_size(),
+        "d_model": d_model,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+    }

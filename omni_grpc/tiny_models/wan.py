@@ -20,7 +20,7 @@ from diffusers.pipelines.wan.pipeline_wan import WanPipeline
 from transformers import UMT5Config, UMT5EncoderModel
 
 from omni_grpc.tiny_models.common import save_quietly, seeded
-from omni_grpc.tiny_models.t5_tokenizer import make_t5_tokenizer, t5_vocab_size
+from omni_grpc.tiny_models.t5_tokenizer import make_t5_tokenizer, t5_encoder_settings
 
 TEXT_DIM = 32
 
@@ -57,24 +57,7 @@ def build_tiny_wan(out_dir: Path, seed: int = 0, version: str = "2.1") -> Path:
         with seeded(seed + 4):
             transformer_2 = _transformer()
     with seeded(seed + 1):
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=t5_vocab_size(),
-                d_model=TEXT_DIM,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                relative_attention_max_distance=32,
-                feed_forward_proj="gated-gelu",
-                dropout_rate=0.0,
-                is_encoder_decoder=False,
-                use_cache=False,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        ).eval()
+        text_encoder = UMT5EncoderModel(UMT5Config(**t5_encoder_settings(TEXT_DIM))).eval()
     with seeded(seed + 2):
         vae = AutoencoderKLWan(
             base_dim=8,

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from omni_grpc import Omni, OmniDiffusionSamplingParams
+from omni_grpc.engine.imaging import encode_mp4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--output", type=Path, default=Path("output.png"))
+    parser.add_argument("--num-frames", type=int, default=None, help="video models: frames per video")
+    parser.add_argument("--fps", type=int, default=None, help="video models: frames per second of the MP4")
+    parser.add_argument("--output", type=Path, default=Path("output.png"), help="PNG, or MP4 on a video model")
     return parser.parse_args(argv)
 
 
@@ -49,19 +52,29 @@ def main(argv: list[str] | None = None) -> int:
         width=args.width,
         seed=args.seed,
         lora_request=lora_request,
+        num_frames=args.num_frames,
+        fps=args.fps,
     )
     try:
         result = omni.generate(args.prompt, params)[0]
     finally:
         omni.close()
-    image = result.images[0]
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    image.image.save(args.output)
     applied = (
         f"{result.adapter.name} (id {result.adapter.id}, scale {result.adapter.scale:g})" if result.adapter else "none"
     )
+    if result.videos:  # a video model: an MP4, whatever suffix --output had
+        video = result.videos[0]
+        output = args.output.with_suffix(".mp4")
+        output.write_bytes(encode_mp4(video.frames, video.fps))
+        shape = f"{video.width}x{video.height}, {video.num_frames} frames at {video.fps} fps, seed {video.seed}"
+    else:
+        image = result.images[0]
+        output = args.output
+        image.image.save(output)
+        shape = f"{image.width}x{image.height}, seed {image.seed}"
     print(
-        f"saved {args.output} ({image.width}x{image.height}, seed {image.seed}, adapter {applied}, "
+        f"saved {output} ({shape}, adapter {applied}, "
         f"{result.num_inference_steps} steps in {result.timings.inference_ms:.0f} ms)"
     )
     return 0
