@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from omni_grpc.engine.guidance import BatchedCFG, SampleGuidance
-from omni_grpc.engine.kohya_names import KohyaTable
+from omni_grpc.engine.kohya_names import KohyaTable, transformer_pipeline_names
 from omni_grpc.engine.types import GuidanceKind, OutputKind
 
 if TYPE_CHECKING:
@@ -132,3 +132,18 @@ class Family:
 
     def capabilities(self, pipe: Any) -> Capabilities:
         return Capabilities(self.output, self.negative_prompt, self.guidance_kind(pipe), self.frames)
+
+
+class PackedTransformerFamily(Family):
+    """Transformer families on 2x2-packed (or 2x2-patched) latents whose pipelines fix the default side at 1024
+    (Flux, Qwen-Image), with Kohya files in diffusers' module names."""
+
+    denoisers = ("transformer",)
+
+    def geometry(self, pipe: Any) -> Geometry:
+        vae = int(pipe.vae_scale_factor)
+        side = int(pipe.default_sample_size) * vae
+        return Geometry(vae * 2, None, side, side)
+
+    def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
+        return transformer_pipeline_names(denoiser, text_encoders)

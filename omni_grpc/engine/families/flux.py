@@ -4,24 +4,19 @@ negative prompt (the true-CFG mode of diffusers' pipeline is not served)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from omni_grpc.engine.families.base import BatchCall, Family, Geometry
+from omni_grpc.engine.families.base import BatchCall, PackedTransformerFamily
 from omni_grpc.engine.guidance import DistilledGuidance, NoGuidance, SampleGuidance
-from omni_grpc.engine.kohya_names import KohyaTable, transformer_pipeline_names
 from omni_grpc.engine.types import GuidanceKind
 
 if TYPE_CHECKING:
     from omni_grpc.engine.validation import ValidRequest
 
 
-class Flux(Family):
+class Flux(PackedTransformerFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
-    denoisers = ("transformer",)
     negative_prompt = False
 
     def guidance_kind(self, pipe: Any) -> GuidanceKind:
@@ -31,15 +26,6 @@ class Flux(Family):
         if self.guidance_kind(pipe) is GuidanceKind.NONE:
             return NoGuidance()
         return DistilledGuidance(pipe.transformer)
-
-    def geometry(self, pipe: Any) -> Geometry:
-        # Latents are packed 2x2 into tokens; the pipeline's default side (1024) is fixed, not the model's.
-        vae = int(pipe.vae_scale_factor)
-        side = int(pipe.default_sample_size) * vae
-        return Geometry(vae * 2, None, side, side)
-
-    def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
-        return transformer_pipeline_names(denoiser, text_encoders)
 
     def call_kwargs(self, call: BatchCall) -> dict[str, Any]:
         kwargs = super().call_kwargs(call)

@@ -5,24 +5,19 @@ as in diffusers, only when > 1 and a negative prompt is given), each sample with
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from omni_grpc.engine.families.base import BatchCall, Family, Geometry
+from omni_grpc.engine.families.base import BatchCall, PackedTransformerFamily
 from omni_grpc.engine.guidance import SampleGuidance, TwoPassCFG
-from omni_grpc.engine.kohya_names import KohyaTable, transformer_pipeline_names
 from omni_grpc.engine.types import GuidanceKind
 
 if TYPE_CHECKING:
     from omni_grpc.engine.validation import ValidRequest
 
 
-class QwenImage(Family):
+class QwenImage(PackedTransformerFamily):
     name = "qwen-image"
     pipeline_class = "QwenImagePipeline"
-    denoisers = ("transformer",)
     text_encoders = ("text_encoder",)
 
     def guidance_kind(self, pipe: Any) -> GuidanceKind:
@@ -34,15 +29,6 @@ class QwenImage(Family):
     def defaults(self, pipe: Any) -> tuple[int, float]:
         params = inspect.signature(type(pipe).__call__).parameters
         return int(params["num_inference_steps"].default), float(params["true_cfg_scale"].default)
-
-    def geometry(self, pipe: Any) -> Geometry:
-        # 2x2 patches over the 8x VAE; the pipeline's default side (1024) is fixed, not the model's.
-        vae = int(pipe.vae_scale_factor)
-        side = int(pipe.default_sample_size) * vae
-        return Geometry(vae * 2, None, side, side)
-
-    def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
-        return transformer_pipeline_names(denoiser, text_encoders)
 
     def call_kwargs(self, call: BatchCall) -> dict[str, Any]:
         kwargs = super().call_kwargs(call)
