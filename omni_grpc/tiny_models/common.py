@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import diffusers.utils.logging as df_logging
 import torch
 import transformers.utils.logging as hf_logging
+from diffusers import AutoencoderKL
 
 # From its module: `from diffusers import ...` names dummy classes when read by a type checker.
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from transformers import CLIPTextConfig
+from transformers import CLIPTextConfig, CLIPTokenizer
 
 from omni_grpc.tiny_models.clip_tokenizer import (
     BOS_TOKEN,
@@ -79,3 +82,29 @@ def replace_tokenizer(out_dir: Path, subfolder: str) -> None:
     target = out_dir / subfolder
     shutil.rmtree(target, ignore_errors=True)
     write_clip_tokenizer(target)
+
+
+def tiny_vae(latent_channels: int, **latent_interface: Any) -> AutoencoderKL:
+    """A 4-block AutoencoderKL (8x, like the real ones) of 8/8/16/16 channels; `latent_interface` holds the
+    family's scaling_factor (and shift_factor, quant convs) as its real VAE has them."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=64,
+        **latent_interface,
+    )
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The CLIP tokenizer written from code, loaded as a pipeline takes it (its files are rewritten after the
+    pipeline is saved, see `replace_tokenizer`)."""
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer(Path(tok_dir))
+        tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    return tokenizer

@@ -9,16 +9,14 @@ scheduler; `"schnell"`: no guidance input, static shift 1.0. FluxPipeline's defa
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-from omni_grpc.tiny_models.clip_tokenizer import write_clip_tokenizer
-from omni_grpc.tiny_models.common import clip_config, replace_tokenizer, save_quietly, seeded
+from omni_grpc.tiny_models.common import clip_config, clip_tokenizer, replace_tokenizer, save_quietly, seeded, tiny_vae
 from omni_grpc.tiny_models.t5_tokenizer import make_t5_tokenizer, t5_encoder_settings
 
 HIDDEN = 32
@@ -48,21 +46,8 @@ def build_tiny_flux(out_dir: Path, seed: int = 0, variant: str = "dev") -> Path:
     with seeded(seed + 2):
         text_encoder_2 = T5EncoderModel(T5Config(**t5_encoder_settings(HIDDEN))).eval()
     with seeded(seed + 3):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.3611,  # FLUX.1's VAE
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        # FLUX.1's VAE: 16 latent channels, its latent statistics, no quant convs.
+        vae = tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
     if variant == "dev":
         scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=1000,
@@ -75,9 +60,7 @@ def build_tiny_flux(out_dir: Path, seed: int = 0, variant: str = "dev") -> Path:
         )
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
-    with tempfile.TemporaryDirectory() as tok_dir:
-        write_clip_tokenizer(Path(tok_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    tokenizer = clip_tokenizer()
     # diffusers annotates the optional image-prompt parts as required: the parts go in as keywords.
     parts: dict[str, Any] = {
         "scheduler": scheduler,

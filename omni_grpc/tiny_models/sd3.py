@@ -9,7 +9,6 @@ and all files come out identical across runs and processes for the same library 
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModelWithProjection
 
-from omni_grpc.tiny_models.clip_tokenizer import write_clip_tokenizer
-from omni_grpc.tiny_models.common import clip_config, replace_tokenizer, save_quietly, seeded
+from omni_grpc.tiny_models.common import clip_config, clip_tokenizer, replace_tokenizer, save_quietly, seeded
 
 # Per-component seed offsets: distinct weights for the two CLIP encoders, and adding
 # a component later does not change the weights of the existing ones.
@@ -175,9 +173,7 @@ def build_tiny_sd3(out_dir: Path, spec: TinySD3Spec = TinySD3Spec(), seed: int =
     # Same scheduler config as SD3-medium.
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
-    with tempfile.TemporaryDirectory() as tok_dir:
-        write_clip_tokenizer(Path(tok_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    tokenizer = clip_tokenizer()
 
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,

@@ -8,16 +8,14 @@ block names map as on the real model), an 8x VAE and SDXL's own scheduler config
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from omni_grpc.tiny_models.clip_tokenizer import write_clip_tokenizer
-from omni_grpc.tiny_models.common import clip_config, replace_tokenizer, save_quietly, seeded
+from omni_grpc.tiny_models.common import clip_config, clip_tokenizer, replace_tokenizer, save_quietly, seeded, tiny_vae
 from omni_grpc.tiny_models.sd3 import SEED_TEXT_ENCODER, SEED_TEXT_ENCODER_2, SEED_UNET, SEED_VAE
 
 CLIP_HIDDEN = 32
@@ -54,18 +52,7 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
     with seeded(seed + SEED_TEXT_ENCODER_2):
         text_encoder_2 = CLIPTextModelWithProjection(text_config)
     with seeded(seed + SEED_VAE):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.13025,  # SDXL's VAE
-        )
+        vae = tiny_vae(4, scaling_factor=0.13025)  # SDXL's VAE
     # The scheduler config shipped with SDXL base 1.0.
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -78,9 +65,7 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
         interpolation_type="linear",
         use_karras_sigmas=False,
     )
-    with tempfile.TemporaryDirectory() as tok_dir:
-        write_clip_tokenizer(Path(tok_dir))
-        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    tokenizer = clip_tokenizer()
     # diffusers annotates `scheduler` as an enum and the optional image-prompt parts as required: the parts go in
     # as keywords it cannot check.
     parts: dict[str, Any] = {
