@@ -284,8 +284,7 @@ def lycoris_step(model: BenchModel, root: Path, *, size: int, repeat: int, rank:
         lora_lease = table.acquire(LoraRequest(path=str(lora)))
         for algorithm, file in files.items():
             lease = table.acquire(LoraRequest(path=str(file)))
-            slots = engine.lora._slots[lease.entry.internal_name]  # noqa: SLF001 - the rank the hooks run at
-            pair_rank = max(m.a.shape[0] for slot in slots.values() for m in slot.modules.values())
+            pair_rank = engine.lora.applied_rank(lease.entry.internal_name)
             with_lora, with_lycoris = _steps(engine, size, lora_lease.entry.internal_name, lease.entry.internal_name)
             step_lora, step_lycoris = _interleaved(with_lora, with_lycoris, repeat)
             lease.release()

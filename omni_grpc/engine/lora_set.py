@@ -242,6 +242,12 @@ class LoraSet:
     def resident_bytes(self) -> int:
         return sum(slot.nbytes for slots in self._slots.values() for slot in slots.values())
 
+    def applied_rank(self, key: str) -> int:
+        """The largest rank the hooks run an attached adapter at (a LoHa or LoKr: its exact pair's)."""
+        with self._lock:
+            slots = self._slots[key]
+        return max(m.a.shape[0] for slot in slots.values() for m in slot.modules.values())
+
 
 def _from(source: ModuleSource, target: Target) -> str:
     """Where a target came from, when the file names it otherwise."""
