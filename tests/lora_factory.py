@@ -55,16 +55,14 @@ def make_peft_adapter(
     return out
 
 
-def to_diffusers_file(peft_dir: Path, out_dir: Path) -> Path:
-    """Convert a PEFT folder (of the SD3 transformer) into diffusers' own LoRA format, with diffusers' own writer."""
+def to_diffusers_file(peft_dir: Path, out_dir: Path, pipeline: Any = StableDiffusion3Pipeline) -> Path:
+    """Convert a PEFT folder (of a transformer) into diffusers' own LoRA format, with `pipeline`'s own writer."""
     tensors = {
         k.removeprefix("base_model.model."): v for k, v in load_file(peft_dir / "adapter_model.safetensors").items()
     }
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     metadata = {k: config[k] for k in ("r", "lora_alpha", "target_modules")}
-    StableDiffusion3Pipeline.save_lora_weights(
-        out_dir, transformer_lora_layers=tensors, transformer_lora_adapter_metadata=metadata
-    )
+    pipeline.save_lora_weights(out_dir, transformer_lora_layers=tensors, transformer_lora_adapter_metadata=metadata)
     return out_dir / "pytorch_lora_weights.safetensors"
 
 

@@ -27,7 +27,7 @@ class GatedBackend:
         # Internal names whose move is under way (paused at the gate).
         self.moving: set[str] = set()
 
-    def load(self, path: str, internal_name: str) -> LoadedAdapter:
+    def load(self, path: str, internal_name: str, expert: str = "") -> LoadedAdapter:
         self.slots[internal_name] = "device"
         return LoadedAdapter(AdapterFormat.PEFT, 4, 4.0, ["to_q"], 10, 1)
 
@@ -125,11 +125,11 @@ class PickyBackend(GatedBackend):
         super().__init__()
         self.reading = threading.Barrier(3)
 
-    def load(self, path: str, internal_name: str) -> LoadedAdapter:
+    def load(self, path: str, internal_name: str, expert: str = "") -> LoadedAdapter:
         if Path(path).name.startswith("bad"):
             self.reading.wait(10)  # three bad loads in flight at once
             raise ValueError(f"{path} is not an adapter")
-        return super().load(path, internal_name)
+        return super().load(path, internal_name, expert)
 
 
 def test_failed_loads_never_evict_an_adapter_nor_take_a_slot(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(adapters.router, include_in_schema=settings.enable_lora_admin)
     # The last added is the outermost: the access log sees the 413s and 415s too.
-    app.add_middleware(RequireJson)
+    app.add_middleware(RequireJson, form_paths=frozenset({videos.PATH}))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(AccessLog)
     return app

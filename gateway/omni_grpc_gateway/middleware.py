@@ -1,4 +1,5 @@
-"""ASGI middleware: a cap on request bodies, JSON bodies only, and one log line per request for operators."""
+"""ASGI middleware: a cap on request bodies, JSON bodies only (forms where a route takes them), and one log line
+per request for operators."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_grpc_gateway.errors import ApiError, error_response
+from omni_grpc_gateway.form_bodies import FORM_TYPES
 
 log = logging.getLogger("omni_grpc_gateway.access")
 # Longest client value in a log line.
@@ -54,16 +56,21 @@ class BodyLimit:
 
 
 class RequireJson:
-    """A body that is not labelled JSON is refused with 415 naming the header (curl -d sends a form)."""
+    """A body that is not labelled JSON is refused with 415 naming the header (curl -d sends a form), except on
+    `form_paths`, which take form fields too."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, form_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.form_paths = form_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             content_type = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
-            if content_type != b"application/json" and not content_type.endswith(b"+json"):
-                message = "send the body as JSON with the header Content-Type: application/json"
+            is_json = content_type == b"application/json" or content_type.endswith(b"+json")
+            forms = scope["path"] in self.form_paths
+            if not is_json and not (forms and content_type in FORM_TYPES):
+                also = " (or as form fields: multipart/form-data)" if forms else ""
+                message = f"send the body as JSON with the header Content-Type: application/json{also}"
                 await error_response(415, message)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

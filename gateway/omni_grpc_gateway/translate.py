@@ -25,6 +25,7 @@ _FLAT_LORA_PARAMS = {
     "lora_request.name": "lora.name",
     "lora_request.scale": "lora.scale",
     "lora_request.id": "lora.int_id",
+    "lora_request.expert": "lora.expert",
 }
 _SIZE = re.compile(r"^\s*(\d{1,9})\s*[xX]\s*(\d{1,9})\s*$")
 
@@ -91,9 +92,10 @@ def generation_request(
     params = {"prompt": prompt_param, "loras": "loras"}
     for index, item in enumerate(body.loras or []):
         lora = request.loras.add()
-        _set_lora(lora, path=item.path, name=item.name, scale=item.scale, adapter_id=item.id)
+        _set_lora(lora, path=item.path, name=item.name, scale=item.scale, adapter_id=item.id, expert=item.expert)
         params[f"loras[{index}]"] = f"loras.{index}"
-        params.update({f"loras[{index}].{key}": f"loras.{index}.{key}" for key in ("path", "name", "scale", "id")})
+        keys = ("path", "name", "scale", "id", "expert")
+        params.update({f"loras[{index}].{key}": f"loras.{index}.{key}" for key in keys})
     if nested:
         _fill_nested(body, request)
         params["negative_prompt"] = "sampling_params.negative_prompt"
@@ -117,7 +119,7 @@ def generation_request(
 def _fill_nested(body: GenerationFields, request: pb.GenerateRequest) -> None:
     if body.lora_request is not None:
         lr = body.lora_request
-        _set_lora(request.lora_request, path=lr.path, name=lr.name, scale=lr.scale, adapter_id=lr.id)
+        _set_lora(request.lora_request, path=lr.path, name=lr.name, scale=lr.scale, adapter_id=lr.id, expert=lr.expert)
     if body.sampling_params is not None:
         sp = body.sampling_params
         if sp.negative_prompt is not None:
@@ -138,7 +140,14 @@ def _fill_nested(body: GenerationFields, request: pb.GenerateRequest) -> None:
 def _fill_flat(body: GenerationFields, request: pb.GenerateRequest, params: dict[str, str]) -> None:
     if body.lora is not None:
         lora = body.lora
-        _set_lora(request.lora_request, path=lora.local_path, name=lora.name, scale=lora.scale, adapter_id=lora.int_id)
+        _set_lora(
+            request.lora_request,
+            path=lora.local_path,
+            name=lora.name,
+            scale=lora.scale,
+            adapter_id=lora.int_id,
+            expert=lora.expert,
+        )
         params.update(_FLAT_LORA_PARAMS)
     height, width = body.height, body.width
     if body.size is not None:
@@ -175,9 +184,17 @@ def parse_size(size: str) -> tuple[int | None, int | None]:
 
 
 def _set_lora(
-    lr: pb.LoraRequest, *, path: str | None, name: str | None, scale: float | None, adapter_id: int | None
+    lr: pb.LoraRequest,
+    *,
+    path: str | None,
+    name: str | None,
+    scale: float | None,
+    adapter_id: int | None,
+    expert: str | None = None,
 ) -> None:
     lr.SetInParent()
+    if expert:
+        lr.expert = expert
     if path:
         lr.path = path
     if name:
@@ -209,7 +226,9 @@ def b64(image: pb.Image) -> str:
 
 
 def generation_info(response: pb.GenerateResponse) -> GenerationInfo:
-    adapters = [AppliedAdapterOut(id=a.id, name=a.name, path=a.path, scale=a.scale) for a in response.adapters]
+    adapters = [
+        AppliedAdapterOut(id=a.id, name=a.name, path=a.path, scale=a.scale, expert=a.expert) for a in response.adapters
+    ]
     t = response.timings
     return GenerationInfo(
         seeds=[image.seed for image in response.images],

@@ -114,12 +114,13 @@ class PipelineAdapters:
         self._paths = paths
         self.budget = budget
 
-    def load(self, path: str, internal_name: str) -> LoadedAdapter:
+    def load(self, path: str, internal_name: str, expert: str = "") -> LoadedAdapter:
         # Operators' adapters (--lora-path) may live anywhere; clients' only inside --lora-dirs.
         may_open = None if self._paths.is_operator_path(path) else self._paths.may_open
         with self.budget.session() as session:
             fit = PipelineFit(self._lora, session)
-            weights = AdapterReader(max_rank=self._max_rank, may_open=may_open, fit=fit).read(path)
+            reader = AdapterReader(max_rank=self._max_rank, may_open=may_open, fit=fit, expert=expert or None)
+            weights = reader.read(path)
             slots = self._lora.make_slots(weights)
             loaded = LoadedAdapter(
                 format=weights.format,

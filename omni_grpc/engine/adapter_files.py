@@ -120,12 +120,19 @@ class AdapterReader:
     """
 
     def __init__(
-        self, *, max_rank: int | None = None, may_open: MayOpen | None = None, fit: ModelFit | None = None
+        self,
+        *,
+        max_rank: int | None = None,
+        may_open: MayOpen | None = None,
+        fit: ModelFit | None = None,
+        expert: str | None = None,
     ) -> None:
         self.max_rank = max_rank
         self.may_open = may_open
         self.fit = fit
         self.naming: Naming = fit.naming if fit is not None else NoModel()
+        # The denoiser the file's denoiser modules go into (Wan 2.2's transformer_2); None: the model's first.
+        self.expert = expert
 
     def read(self, path: str) -> AdapterWeights:
         """The adapter at `path`: a PEFT folder, a folder with a diffusers file, or a .safetensors file."""
@@ -304,6 +311,9 @@ class AdapterReader:
         self, weights: SafetensorsFile, layout: AdapterLayout, alpha: float | None, targets: list[str]
     ) -> AdapterWeights:
         """Judge the layout, read the tensors of one the model accepted, and make each module's exact pair."""
+        if self.expert is not None and self.expert != self.naming.denoiser:
+            sources = file_layouts.into_expert(layout.sources, self.naming.denoiser, self.expert, layout.file)
+            layout = replace(layout, sources=sources)
         deltas = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
         tensors = weights.read()
         bound = self.fit.max_abs_weight if self.fit is not None else _FLOAT32_SAFE

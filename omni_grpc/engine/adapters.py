@@ -14,7 +14,8 @@ request needs it). The least recently used adapters move down; pinned and held o
 move is counted per adapter (hits, loads, promotions, evictions). Keeping the tier counts up to date
 makes a hit O(1), whatever the number of adapters.
 
-Identity: an adapter is its (normalised) path. A request that names a loaded path is served by that
+Identity: an adapter is its (normalised) path and the expert it goes into (on models with several denoisers,
+one file may be loaded into each: two adapters). A request that names a loaded path is served by that
 adapter, whatever name or id it gives: those are labels for a first load, and a taken one is dropped for
 the derived id and a default name rather than failing the request. Only LoadAdapter renames.
 Versions: a re-read (from the disk tier, or LoadAdapter of a file that changed) replaces the adapter whole,
@@ -53,12 +54,14 @@ def normalize_path(path: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
-def derive_adapter_id(path: str) -> int:
-    """The stable id of an adapter: 63 bits of sha256 over its normalised path, never 0.
+def derive_adapter_id(path: str, expert: str = "") -> int:
+    """The stable id of an adapter: 63 bits of sha256 over its normalised path (and its expert, when not the
+    first), never 0.
 
     The one place ids are derived; `./a`, `a/` and `/abs/a` give the same id.
     """
-    digest = hashlib.sha256(normalize_path(path).encode("utf-8")).digest()
+    source = normalize_path(path) + (f"\0{expert}" if expert else "")
+    digest = hashlib.sha256(source.encode("utf-8")).digest()
     return (int.from_bytes(digest[:8], "big") & MAX_ADAPTER_ID) or 1
 
 
@@ -104,9 +107,14 @@ class LoadedAdapter:
         return any(current_stamp(Path(path)) != stamp for path, stamp in self.files)
 
 
+# An adapter's identity: its normalised path and its expert ("": the model's first denoiser).
+AdapterKey = tuple[str, str]
+
+
 class AdapterBackend(Protocol):
-    def load(self, path: str, internal_name: str) -> LoadedAdapter:
-        """Read, validate and attach the adapter on the device; raise an OmniError on failure."""
+    def load(self, path: str, internal_name: str, expert: str = "") -> LoadedAdapter:
+        """Read, validate and attach the adapter on the device (its denoiser modules into `expert`, "" for the
+        first); raise an OmniError on failure."""
 
     def unload(self, internal_name: str) -> None:
         """Detach the adapter and free its memory (requests still running with it keep it until they end)."""
@@ -137,6 +145,8 @@ class AdapterEntry:
     evictions: int = 0
     # 1 at the first load; one more each time a re-read found its files changed.
     version: int = 1
+    # The denoiser it goes into; "": the model's first.
+    expert: str = ""
     # Held while the entry's tensors move between tiers; taken before the table lock, never after.
     move_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -162,7 +172,12 @@ class AdapterEntry:
             evictions=self.evictions,
             components=list(self.loaded.components),
             version=self.version,
+            expert=self.expert,
         )
+
+    @property
+    def key(self) -> AdapterKey:
+        return (self.path, self.expert)
 
 
 @dataclass
@@ -214,30 +229,42 @@ class AdapterTable:
         self._lock = threading.Lock()
         self._by_id: OrderedDict[int, AdapterEntry] = OrderedDict()  # LRU order: least recent first
         self._by_name: dict[str, AdapterEntry] = {}
-        self._by_path: dict[str, AdapterEntry] = {}
-        self._pending: dict[str, _Pending] = {}
-        self._loads_by_path: dict[str, int] = {}
+        self._by_key: dict[AdapterKey, AdapterEntry] = {}
+        self._pending: dict[AdapterKey, _Pending] = {}
+        self._loads_by_key: dict[AdapterKey, int] = {}
         self._counter = 0
 
     # ---- public operations -------------------------------------------------------------------
 
     def load(
-        self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
+        self,
+        path: str,
+        *,
+        name: str | None = None,
+        adapter_id: int | None = None,
+        pin: bool = False,
+        expert: str = "",
     ) -> tuple[AdapterInfo, bool]:
-        """Load (or find) the adapter at `path`. Returns its info and whether this call read it."""
-        entry, newly = self._load(path, name, adapter_id, pin=pin, hold=False)
+        """Load (or find) the adapter at `path` (into `expert`). Returns its info and whether this call read it."""
+        entry, newly = self._load((path, expert), name, adapter_id, pin=pin, hold=False)
         return entry.info(), newly
 
     def acquire(self, lora: LoraRequest) -> AdapterLease:
         """Find or load the adapter a request names, bring it to the device, and hold it there until the
         lease is released."""
         if lora.path:
-            entry, newly = self._load(lora.path, lora.name or None, lora.id, pin=False, hold=True)
+            entry, newly = self._load((lora.path, lora.expert or ""), lora.name or None, lora.id, pin=False, hold=True)
         elif not lora.name and lora.id is None:
             raise InvalidArgument("lora_request needs a path, a name or an id", field="lora_request")
         else:
             with self._lock:
                 entry = self._lookup_locked(lora.id, lora.name or None)
+                if lora.expert is not None and lora.expert != entry.expert:
+                    raise InvalidArgument(
+                        f"adapter '{entry.name}' goes into {entry.expert or 'the first expert'}, not "
+                        f"{lora.expert or 'the first expert'}; give its path to load it into another expert",
+                        field="expert",
+                    )
                 self._hold_locked(entry)
             newly = False
         lease = AdapterLease(self, entry, lora.scale)
@@ -254,13 +281,17 @@ class AdapterTable:
         with self._lock:
             return {tier.value: count for tier, count in self._tier_counts.items()}
 
-    def unload(self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None) -> AdapterInfo:
-        """Remove an adapter. Held adapters finish their requests first, then are detached."""
+    def unload(
+        self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None, expert: str = ""
+    ) -> AdapterInfo:
+        """Remove an adapter (by path: the one of that expert). Held adapters finish their requests first, then are
+        detached."""
         with self._lock:
             if path:
-                entry = self._by_path.get(normalize_path(path))
+                entry = self._by_key.get((normalize_path(path), expert))
                 if entry is None:
-                    raise NotFound(f"no adapter is loaded from path {shown(path)}", field="path")
+                    into = f" into {expert}" if expert else ""
+                    raise NotFound(f"no adapter is loaded from path {shown(path)}{into}", field="path")
             else:
                 entry = self._lookup_locked(adapter_id, name)
             self._remove_locked(entry)
@@ -287,26 +318,27 @@ class AdapterTable:
     # ---- internals -----------------------------------------------------------------------------
 
     def _load(
-        self, path: str, name: str | None, adapter_id: int | None, *, pin: bool, hold: bool
+        self, source: AdapterKey, name: str | None, adapter_id: int | None, *, pin: bool, hold: bool
     ) -> tuple[AdapterEntry, bool]:
-        """`hold`: a request's load by path. The path is the adapter's identity; a request's name and id are
-        labels for its first load, never a reason to fail it. Only an admin load (not `hold`) renames."""
+        """`hold`: a request's load by path. The path (with its expert) is the adapter's identity; a request's name
+        and id are labels for its first load, never a reason to fail it. Only an admin load (not `hold`) renames."""
+        path, expert = source
         check_path_text(path)
         if name is not None:
             check_name(name)
         if adapter_id is not None and not 1 <= adapter_id <= MAX_ADAPTER_ID:
             raise InvalidArgument(f"adapter id must be between 1 and 2^63-1, got {adapter_id}", field="id")
-        norm = normalize_path(path)
+        key = (normalize_path(path), expert)
         while True:
             with self._lock:
-                existing = self._by_path.get(norm)
+                existing = self._by_key.get(key)
                 if existing is None:
-                    pending, owner = self._pending_for_locked(norm, name, adapter_id, hold=hold)
+                    pending, owner = self._pending_for_locked(key, name, adapter_id, hold=hold)
                 elif hold:
                     self._hold_locked(existing)
                     return existing, False
                 else:
-                    self._check_id(existing.id, adapter_id, norm)
+                    self._check_id(existing.id, adapter_id, key)
                     if name is not None and name != existing.name:
                         self._rename_locked(existing, name)
                     if pin:
@@ -319,7 +351,7 @@ class AdapterTable:
                 self._reread(existing)
                 return existing, False
             if owner:
-                return self._read_and_register(norm, pending, pin=pin, hold=hold), True
+                return self._read_and_register(key, pending, pin=pin, hold=hold), True
             entry = pending.done.result()  # re-raises the loader's error for every waiter
             with self._lock:
                 if self._by_id.get(entry.id) is entry:
@@ -333,35 +365,35 @@ class AdapterTable:
             # Evicted or unloaded between its load and our hold: go round again.
 
     def _pending_for_locked(
-        self, norm: str, name: str | None, adapter_id: int | None, *, hold: bool
+        self, key: AdapterKey, name: str | None, adapter_id: int | None, *, hold: bool
     ) -> tuple[_Pending, bool]:
-        """The load in progress of `norm` (joined) or a new one (owned: True)."""
-        pending = self._pending.get(norm)
+        """The load in progress of `key` (joined) or a new one (owned: True)."""
+        pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[norm] = self._new_pending_locked(norm, name, adapter_id, labels_only=hold)
+            pending = self._pending[key] = self._new_pending_locked(key, name, adapter_id, labels_only=hold)
             return pending, True
         if not hold:
-            self._check_id(pending.id, adapter_id, norm)
+            self._check_id(pending.id, adapter_id, key)
             if name is not None and pending.explicit_name and name != pending.name:
                 raise AlreadyExists(
-                    f"adapter at {shown(norm)} is being loaded under the name '{pending.name}', not {shown(name)}",
+                    f"adapter at {_where(key)} is being loaded under the name '{pending.name}', not {shown(name)}",
                     field="name",
                 )
         return pending, False
 
     def _new_pending_locked(
-        self, norm: str, name: str | None, adapter_id: int | None, *, labels_only: bool
+        self, key: AdapterKey, name: str | None, adapter_id: int | None, *, labels_only: bool
     ) -> _Pending:
         """The id and name of a first load. With `labels_only` (a request), a taken id or name is dropped for
         the derived id and a default name; for an admin it is ALREADY_EXISTS."""
-        derived = derive_adapter_id(norm)
-        if adapter_id is not None and labels_only and not self._id_free_locked(adapter_id, norm):
+        derived = derive_adapter_id(*key)
+        if adapter_id is not None and labels_only and not self._id_free_locked(adapter_id, key):
             adapter_id = None
         new_id = adapter_id if adapter_id is not None else derived
-        self._check_id_free_locked(new_id, norm)
+        self._check_id_free_locked(new_id, key)
         if name is not None and labels_only and name in self._taken_names_locked():
             name = None
-        return _Pending(new_id, self._choose_name_locked(norm, new_id, name), explicit_name=name is not None)
+        return _Pending(new_id, self._choose_name_locked(key, new_id, name), explicit_name=name is not None)
 
     def _rename_locked(self, entry: AdapterEntry, name: str) -> None:
         holder = self._by_name.get(name)
@@ -373,16 +405,17 @@ class AdapterTable:
         entry.name = name
         self._by_name[name] = entry
 
-    def _read_and_register(self, norm: str, pending: _Pending, *, pin: bool, hold: bool) -> AdapterEntry:
+    def _read_and_register(self, key: AdapterKey, pending: _Pending, *, pin: bool, hold: bool) -> AdapterEntry:
         with self._lock:
             self._counter += 1
             internal = f"omni_{pending.id:x}_{self._counter}"
         started = time.perf_counter()
+        norm, expert = key
         try:
-            loaded = self._backend.load(norm, internal)
+            loaded = self._backend.load(norm, internal, expert)
         except BaseException as exc:
             with self._lock:
-                del self._pending[norm]
+                del self._pending[key]
             pending.done.set_exception(exc)
             raise
         load_ms = (time.perf_counter() - started) * 1000
@@ -390,15 +423,13 @@ class AdapterTable:
         try:
             with self._lock:
                 victim = self._make_room_locked(by_request=hold)
-                entry = self._register_locked(
-                    norm, pending, internal, loaded, pin=pin, load_ms=load_ms, by_request=hold
-                )
+                entry = self._register_locked(key, pending, internal, loaded, pin=pin, load_ms=load_ms, by_request=hold)
                 if hold:
                     self._hold_locked(entry)
         except BaseException as exc:
             self._backend.unload(internal)
             with self._lock:
-                self._pending.pop(norm, None)
+                self._pending.pop(key, None)
             pending.done.set_exception(exc)
             raise
         if victim is not None:
@@ -408,10 +439,11 @@ class AdapterTable:
         if not hold:
             self._rebalance_best_effort()
         log.info(
-            "adapter loaded id=%d name=%s path=%s format=%s rank=%d alpha=%g layers=%d bytes=%d pinned=%s ms=%.1f",
+            "adapter loaded id=%d name=%s path=%s%s format=%s rank=%d alpha=%g layers=%d bytes=%d pinned=%s ms=%.1f",
             entry.id,
             entry.name,  # names match NAME_PATTERN: nothing to escape
             loggable(norm),
+            f" expert={expert}" if expert else "",  # one of the model's component names
             loaded.format.value,
             loaded.rank,
             loaded.alpha,
@@ -424,7 +456,7 @@ class AdapterTable:
 
     def _register_locked(
         self,
-        norm: str,
+        key: AdapterKey,
         pending: _Pending,
         internal: str,
         loaded: LoadedAdapter,
@@ -433,12 +465,13 @@ class AdapterTable:
         load_ms: float,
         by_request: bool,
     ) -> AdapterEntry:
-        loads = self._loads_by_path.get(norm, 0) + 1
-        self._loads_by_path[norm] = loads
+        loads = self._loads_by_key.get(key, 0) + 1
+        self._loads_by_key[key] = loads
         entry = AdapterEntry(
             id=pending.id,
             name=pending.name,
-            path=norm,
+            path=key[0],
+            expert=key[1],
             internal_name=internal,
             loaded=loaded,
             pinned=pin,
@@ -448,9 +481,9 @@ class AdapterTable:
         )
         self._by_id[entry.id] = entry
         self._by_name[entry.name] = entry
-        self._by_path[norm] = entry
+        self._by_key[key] = entry
         self._tier_counts[Tier.DEVICE] += 1
-        del self._pending[norm]
+        del self._pending[key]
         return entry
 
     def _release(self, entry: AdapterEntry) -> None:
@@ -501,7 +534,7 @@ class AdapterTable:
         back replaces every part of the old version at once, with fresh metadata; a file that changed is a new
         version, and one that no longer loads takes its adapter out of the table (no half of it is served)."""
         try:
-            loaded = self._backend.load(entry.path, entry.internal_name)
+            loaded = self._backend.load(entry.path, entry.internal_name, entry.expert)
         except BaseException:
             with self._lock:
                 removed = self._by_id.get(entry.id) is entry
@@ -524,7 +557,7 @@ class AdapterTable:
             if changed:
                 entry.version += 1
             entry.loaded = loaded
-            entry.loads = self._loads_by_path[entry.path] = self._loads_by_path.get(entry.path, 0) + 1
+            entry.loads = self._loads_by_key[entry.key] = self._loads_by_key.get(entry.key, 0) + 1
             self._set_tier_locked(entry, Tier.DEVICE)
         log.info(
             "adapter re-read from disk id=%d name=%s version=%d%s rank=%d bytes=%d",
@@ -609,21 +642,21 @@ class AdapterTable:
             raise InvalidArgument("give the id or the name of the adapter")
         return entry
 
-    def _check_id(self, bound_id: int, adapter_id: int | None, norm: str) -> None:
+    def _check_id(self, bound_id: int, adapter_id: int | None, key: AdapterKey) -> None:
         if adapter_id is not None and adapter_id != bound_id:
             raise AlreadyExists(
-                f"adapter at {shown(norm)} is already loaded with id {bound_id}, not {adapter_id}; an id never "
+                f"adapter at {_where(key)} is already loaded with id {bound_id}, not {adapter_id}; an id never "
                 "changes (the name may: LoadAdapter with a new name renames it)",
                 field="id",
             )
 
-    def _id_free_locked(self, adapter_id: int, norm: str) -> bool:
+    def _id_free_locked(self, adapter_id: int, key: AdapterKey) -> bool:
         holder = self._by_id.get(adapter_id)
-        other = holder.path if holder else next((p for p, w in self._pending.items() if w.id == adapter_id), None)
-        return other is None or other == norm
+        other = holder.key if holder else next((k for k, w in self._pending.items() if w.id == adapter_id), None)
+        return other is None or other == key
 
-    def _check_id_free_locked(self, adapter_id: int, norm: str) -> None:
-        if not self._id_free_locked(adapter_id, norm):
+    def _check_id_free_locked(self, adapter_id: int, key: AdapterKey) -> None:
+        if not self._id_free_locked(adapter_id, key):
             # Named by its name, never its path: a client must not learn where another adapter lives.
             holder = self._by_id.get(adapter_id)
             whose = f"the adapter '{holder.name}'" if holder else "an adapter being loaded"
@@ -632,7 +665,7 @@ class AdapterTable:
     def _taken_names_locked(self) -> set[str]:
         return set(self._by_name) | {p.name for p in self._pending.values()}
 
-    def _choose_name_locked(self, norm: str, adapter_id: int, name: str | None) -> str:
+    def _choose_name_locked(self, key: AdapterKey, adapter_id: int, name: str | None) -> str:
         taken = self._taken_names_locked()
         if name is not None:
             if name in taken:
@@ -640,8 +673,10 @@ class AdapterTable:
                 whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
                 raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
             return name
+        norm, expert = key
         base = os.path.basename(norm)
         base = base.removesuffix(".safetensors") if os.path.isfile(norm) else base
+        base = f"{base}.{expert}" if expert else base
         candidate = base if NAME_PATTERN.match(base) else f"lora-{adapter_id:x}"
         # A default name never fails a load: two folders both called "lora" get distinct names.
         return candidate if candidate not in taken else f"{candidate[:100]}-{adapter_id:x}"
@@ -663,5 +698,10 @@ class AdapterTable:
     def _remove_locked(self, entry: AdapterEntry) -> None:
         del self._by_id[entry.id]
         del self._by_name[entry.name]
-        del self._by_path[entry.path]
+        del self._by_key[entry.key]
         self._tier_counts[entry.tier] -= 1
+
+
+def _where(key: AdapterKey) -> str:
+    path, expert = key
+    return shown(path) + (f" (into {expert})" if expert else "")

@@ -38,7 +38,7 @@ from omni_grpc.engine.types import (
     OutputFormat,
     Timings,
 )
-from omni_grpc.engine.validation import ValidRequest, requested_adapters, validate_request
+from omni_grpc.engine.validation import ValidRequest, requested_adapters, resolve_expert, validate_request
 from omni_grpc.engine.worker import BatchItem, Worker
 from omni_grpc.errors import InvalidArgument, OmniError, ResourceExhausted, Unavailable
 from omni_grpc.quoting import loggable
@@ -202,18 +202,31 @@ class Engine:
             self._unreserve(len(requests))
 
     def load_adapter(
-        self, path: str, *, name: str | None = None, adapter_id: int | None = None, pin: bool = False
+        self,
+        path: str,
+        *,
+        name: str | None = None,
+        adapter_id: int | None = None,
+        pin: bool = False,
+        expert: str | None = None,
     ) -> tuple[AdapterInfo, bool]:
+        into = resolve_expert(expert, self._experts) or ""
         real = self._paths.resolve(path)
         with _paths_as_sent(real, path):
-            return self._adapters.load(real, name=name, adapter_id=adapter_id, pin=pin)
+            return self._adapters.load(real, name=name, adapter_id=adapter_id, pin=pin, expert=into)
 
     def unload_adapter(
-        self, *, adapter_id: int | None = None, name: str | None = None, path: str | None = None
+        self,
+        *,
+        adapter_id: int | None = None,
+        name: str | None = None,
+        path: str | None = None,
+        expert: str | None = None,
     ) -> AdapterInfo:
         if adapter_id is None and not name and not path:
             raise InvalidArgument("give the id, name or path of the adapter to unload")
-        return self._adapters.unload(adapter_id=adapter_id, name=name, path=path)
+        into = resolve_expert(expert, self._experts) or ""
+        return self._adapters.unload(adapter_id=adapter_id, name=name, path=path, expert=into)
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self._adapters.list()
@@ -223,6 +236,10 @@ class Engine:
         return self._adapters.tier_counts()
 
     # ---- admission ------------------------------------------------------------------------------
+
+    @property
+    def _experts(self) -> tuple[str, ...]:
+        return self.pipeline.capabilities.experts
 
     @property
     def _adapters(self) -> AdapterTable:
@@ -256,7 +273,7 @@ class Engine:
         try:
             self._require_ready()
             admission.valid = valid = validate_request(request, self.pipeline, self.config.limits)
-            admission.requested = requested_adapters(request, self.config.limits)
+            admission.requested = requested_adapters(request, self.config.limits, self._experts)
             for field_name, lora in admission.requested:
                 lease = self._hold(field_name, lora)
                 admission.leases.append(lease)
@@ -292,7 +309,7 @@ class Engine:
                 return self._adapters.acquire(dataclasses.replace(lora, path=real))
         except OmniError as exc:
             # The table names its own fields ("path"); in a Generate they sit under the request's field.
-            if exc.field in ("path", "name", "id", "scale"):
+            if exc.field in ("path", "name", "id", "scale", "expert"):
                 exc.field = f"{field_name}.{exc.field}"
             elif exc.field is None or exc.field == "lora_request":
                 exc.field = field_name
@@ -335,7 +352,13 @@ class Engine:
         # Each named as registered, with the path as this request gave it (none when it named the adapter): a
         # reply shows no server path.
         applied = [
-            AppliedAdapter(id=lease.entry.id, name=lease.entry.name, path=lora.path or "", scale=lease.scale)
+            AppliedAdapter(
+                id=lease.entry.id,
+                name=lease.entry.name,
+                path=lora.path or "",
+                scale=lease.scale,
+                expert=lease.entry.expert,
+            )
             for lease, (_, lora) in zip(admission.leases, admission.requested, strict=True)
         ]
         return GenerateResult(

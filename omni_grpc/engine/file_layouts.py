@@ -21,7 +21,7 @@ layouts tried.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -91,7 +91,7 @@ class NoModel:
     """The naming of a read without a model: PEFT and diffusers files only."""
 
     denoiser = "transformer"
-    components = ("transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3")
+    components = ("transformer", "transformer_2", "unet", "text_encoder", "text_encoder_2", "text_encoder_3")
 
     def kohya_targets(self, names: Collection[str]) -> Mapping[str, tuple[Target, ...]]:
         raise FailedPrecondition("Kohya and LyCORIS files name modules of a model: load them into one")
@@ -236,6 +236,23 @@ def _text_encoder_of(name: str) -> str | None:
     """The text encoder a Kohya name's prefix stands for ("lora_te2_..." -> "text_encoder_2")."""
     prefix = name.split("_", 2)
     return TEXT_ENCODER_PREFIXES.get("_".join(prefix[:2])) if len(prefix) == 3 else None
+
+
+def into_expert(sources: Collection[ModuleSource], denoiser: str, expert: str, file: Path) -> tuple[ModuleSource, ...]:
+    """The sources with the denoiser's modules moved into another expert of the same architecture (a Wan 2.2
+    LoRA is trained for one expert, and its file names the default one, as diffusers' `load_into_transformer_2`)."""
+    moved = []
+    for source in sources:
+        if any(target.component == expert for target in source.targets):
+            raise InvalidArgument(
+                f"{file}: module {shown(source.name)} already names {expert}; a file that names its experts itself "
+                "loads without an expert"
+            )
+        targets = tuple(
+            replace(target, component=expert) if target.component == denoiser else target for target in source.targets
+        )
+        moved.append(replace(source, targets=targets))
+    return tuple(moved)
 
 
 def unknown_layout(file: Path, keys: Collection[str]) -> InvalidArgument:

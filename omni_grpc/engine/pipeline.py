@@ -50,7 +50,7 @@ class LoadedPipeline:
     device: torch.device
     dtype: torch.dtype
     guidance: SampleGuidance
-    # The parts adapters may adapt (the denoiser's component, then the text encoders'), by component name.
+    # The parts adapters may adapt (the denoisers' components, default first, then the text encoders'), by name.
     lora_parts: dict[str, nn.Module]
     denoiser_component: str
     # The modules Kohya / LyCORIS names stand for in this pipeline.
@@ -130,9 +130,10 @@ def load_pipeline(
         raise ModelLoadError(f"'{model_name}' is a {type(pipe).__name__}; supported: {supported}")
     pipe.to(dev)
     pipe.set_progress_bar_config(disable=not progress_bar)
-    denoiser_component = family.denoisers[0]
-    denoiser = getattr(pipe, denoiser_component)
-    denoiser.eval()
+    experts = {name: getattr(pipe, name) for name in family.experts(pipe)}
+    denoiser_component, denoiser = next(iter(experts.items()))
+    for expert in experts.values():
+        expert.eval()
     text_encoders = {
         name: module for name in family.text_encoders if isinstance(module := getattr(pipe, name, None), nn.Module)
     }
@@ -152,7 +153,7 @@ def load_pipeline(
         device=dev,
         dtype=torch_dtype,
         guidance=family.guidance_hooks(pipe),
-        lora_parts={denoiser_component: denoiser, **text_encoders},
+        lora_parts={**experts, **text_encoders},
         denoiser_component=denoiser_component,
         kohya_table=family.kohya_table(denoiser, text_encoders),
         capabilities=family.capabilities(pipe),

@@ -39,13 +39,16 @@ class LoraRequest:
     name: str | None = None
     id: int | None = None
     scale: float = 1.0
+    # The denoiser its denoiser modules go into, on models with several (Wan 2.2's "transformer_2"); None: not
+    # given (the first, or with a name or id whichever the adapter was loaded into). The engine makes "" of the first.
+    expert: str | None = None
 
     @classmethod
     def coerce(cls, value: LoraRequest | dict[str, Any] | None) -> LoraRequest | None:
         """Accept the seed's dict form (`{"path": ..., "scale": ...}`) as well as the dataclass."""
         if value is None or isinstance(value, LoraRequest):
             return value
-        known = {"path", "name", "id", "scale"}
+        known = {"path", "name", "id", "scale", "expert"}
         unknown = set(value) - known
         if unknown:
             raise InvalidArgument(f"lora_request has unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -59,6 +62,7 @@ class LoraRequest:
             name=value.get("name"),
             id=value.get("id"),
             scale=1.0 if scale is None else float(scale),
+            expert=value.get("expert") or None,
         )
 
 
@@ -151,6 +155,7 @@ class AppliedAdapter:
     name: str
     path: str
     scale: float
+    expert: str = ""
 
 
 @dataclass
@@ -197,6 +202,8 @@ class AdapterInfo:
     components: list[str] = field(default_factory=lambda: ["denoiser"])
     # 1 at the first load; one more each time its files were found changed when read again.
     version: int = 1
+    # The denoiser it was loaded into, on models with several; "": the first.
+    expert: str = ""
 
 
 class GuidanceKind(enum.StrEnum):

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from omni_grpc.config import Limits
 from omni_grpc.engine.families import GuidanceKind
 from omni_grpc.engine.pipeline import LoadedPipeline
 from omni_grpc.engine.types import GenerateRequest, LoraRequest
 from omni_grpc.errors import InvalidArgument
+from omni_grpc.quoting import shown
 
 MAX_SEED = (1 << 64) - 1
 
@@ -147,8 +149,11 @@ def _frames(request: GenerateRequest, pipeline: LoadedPipeline) -> tuple[int, in
     return frames, fps
 
 
-def requested_adapters(request: GenerateRequest, limits: Limits) -> list[tuple[str, LoraRequest]]:
-    """The adapters a request asks for, each with the field that names it ("lora_request", "loras[1]")."""
+def requested_adapters(
+    request: GenerateRequest, limits: Limits, experts: Sequence[str]
+) -> list[tuple[str, LoraRequest]]:
+    """The adapters a request asks for, each with the field that names it ("lora_request", "loras[1]"), their
+    experts checked against the model's (`experts`, the default first) and "" for the default."""
     if request.lora is not None and request.loras:
         raise InvalidArgument(
             "give lora_request or loras, not both (lora_request is the same as a one-element loras)", field="loras"
@@ -165,7 +170,29 @@ def requested_adapters(request: GenerateRequest, limits: Limits) -> list[tuple[s
         requested = [(f"loras[{i}]", lora) for i, lora in enumerate(request.loras)]
     for field_name, lora in requested:
         check_lora_scale(lora, limits, field_name)
-    return requested
+    return [
+        (field_name, replace(lora, expert=resolve_expert(lora.expert, experts, f"{field_name}.expert")))
+        for field_name, lora in requested
+    ]
+
+
+def resolve_expert(expert: str | None, experts: Sequence[str], field_name: str = "expert") -> str | None:
+    """An adapter's expert as the table keys it: "" for the model's first denoiser, None when not given."""
+    if not expert:
+        return None
+    if expert not in experts:
+        if len(experts) == 1:
+            raise InvalidArgument(
+                f"{field_name} {shown(expert)}: this model has one denoiser ({experts[0]}); an expert is chosen "
+                "only on models with several (Wan 2.2)",
+                field=field_name,
+            )
+        raise InvalidArgument(
+            f"{field_name} {shown(expert)} is not a denoiser of this model; it has {experts[0]} (the default), "
+            + ", ".join(experts[1:]),
+            field=field_name,
+        )
+    return "" if expert == experts[0] else expert
 
 
 def check_lora_scale(lora: LoraRequest, limits: Limits, field_name: str = "lora_request") -> None:

@@ -78,6 +78,7 @@ def _lora_from_pb(lora: pb.LoraRequest) -> LoraRequest:
         name=lora.name or None,
         id=_optional(lora, "id"),
         scale=lora.scale if lora.HasField("scale") else 1.0,
+        expert=lora.expert or None,
     )
 
 
@@ -100,7 +101,10 @@ def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
         guidance_scale=result.guidance_scale,
         batch_size=result.batch_size,
         model=result.model,
-        adapters=[pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale) for a in result.adapters],
+        adapters=[
+            pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale, expert=a.expert)
+            for a in result.adapters
+        ],
         videos=[
             pb.Video(
                 data=video.data or b"",
@@ -145,25 +149,29 @@ def adapter_to_pb(info: AdapterInfo, *, show_path: bool = True) -> pb.Adapter:
         evictions=info.evictions,
         components=info.components,
         version=info.version,
+        expert=info.expert,
     )
 
 
 class UnloadSelector(TypedDict, total=False):
-    """Engine.unload_adapter's keyword arguments: exactly one of them."""
+    """Engine.unload_adapter's keyword arguments: exactly one of the first three (an expert goes with a path)."""
 
     adapter_id: int
     name: str
     path: str
+    expert: str | None
 
 
 def unload_selector_from_pb(request: pb.UnloadAdapterRequest) -> UnloadSelector:
     which = request.WhichOneof("adapter")
+    if request.expert and which != "path":
+        raise InvalidArgument("expert goes with a path: an id or a name names one adapter already", field="expert")
     if which == "id":
         return {"adapter_id": request.id}
     if which == "name":
         return {"name": request.name}
     if which == "path":
-        return {"path": request.path}
+        return {"path": request.path, "expert": request.expert or None}
     raise InvalidArgument("UnloadAdapterRequest needs one of id, name or path", field="adapter")
 
 
@@ -197,6 +205,7 @@ def server_info_to_pb(pipeline: LoadedPipeline, *, started_at: int) -> pb.GetSer
             output=_OUTPUT_KINDS[pipeline.capabilities.output],
             negative_prompt=pipeline.capabilities.negative_prompt,
             guidance=_GUIDANCE_KINDS[pipeline.capabilities.guidance],
+            experts=pipeline.capabilities.experts,
             **_frame_capabilities(pipeline),
         ),
         default_height=pipeline.default_height,

@@ -83,6 +83,7 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
                 name=request.name or None,
                 adapter_id=request.id if request.HasField("id") else None,
                 pin=request.pin,
+                expert=request.expert or None,
             )
             return pb.LoadAdapterResponse(adapter=convert.adapter_to_pb(info), newly_loaded=newly)
 

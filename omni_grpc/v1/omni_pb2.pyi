@@ -260,6 +260,7 @@ class LoraRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
+    EXPERT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Folder (PEFT format) or .safetensors file (diffusers format) on the server machine."""
     name: _builtins.str
@@ -268,6 +269,11 @@ class LoraRequest(_message.Message):
     """Stable id; with a path, the id it is registered under (default: derived from the path)."""
     scale: _builtins.float
     """Strength of the adapter for this request only (default 1.0; 0 gives the base model's output)."""
+    expert: _builtins.str
+    """The denoiser the file's denoiser modules go into, on models with several (Capabilities.experts): Wan 2.2's
+    "transformer" (high noise, the default) or "transformer_2" (low noise). Empty: the first. With a path, one
+    file loaded into two experts is two adapters; with a name or id, it must match the adapter's own.
+    """
     def __init__(
         self,
         *,
@@ -275,10 +281,11 @@ class LoraRequest(_message.Message):
         name: _builtins.str = ...,
         id: _builtins.int | None = ...,
         scale: _builtins.float | None = ...,
+        expert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "_scale", b"_scale", "id", b"id", "scale", b"scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "_scale", b"_scale", "id", b"id", "name", b"name", "path", b"path", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "_scale", b"_scale", "expert", b"expert", "id", b"id", "name", b"name", "path", b"path", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__id: _TypeAlias = _typing.Literal["id"]  # noqa: Y015
     _WhichOneofArgType__id: _TypeAlias = _typing.Literal["_id", b"_id"]  # noqa: Y015
@@ -476,12 +483,15 @@ class AppliedAdapter(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
+    EXPERT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     path: _builtins.str
     """The path as the request gave it; empty when the request named the adapter by name or id."""
     scale: _builtins.float
     """The scale the request ran with."""
+    expert: _builtins.str
+    """The denoiser it adapts, on models with several experts; empty for the first."""
     def __init__(
         self,
         *,
@@ -489,10 +499,11 @@ class AppliedAdapter(_message.Message):
         name: _builtins.str = ...,
         path: _builtins.str = ...,
         scale: _builtins.float = ...,
+        expert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "name", b"name", "path", b"path", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expert", b"expert", "id", b"id", "name", b"name", "path", b"path", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -584,6 +595,7 @@ class Adapter(_message.Message):
     EVICTIONS_FIELD_NUMBER: _builtins.int
     COMPONENTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    EXPERT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     path: _builtins.str
@@ -619,6 +631,8 @@ class Adapter(_message.Message):
     """Moves down a tier (device to host, host to disk), least recently used first."""
     version: _builtins.int
     """1 at its first load; one more each time its file was found changed when it was read again."""
+    expert: _builtins.str
+    """The expert (denoiser) it was loaded into; empty for the first (see LoraRequest.expert)."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The modules of the base model that the adapter changes (as named in its config)."""
@@ -650,10 +664,11 @@ class Adapter(_message.Message):
         evictions: _builtins.int = ...,
         components: _abc.Iterable[_builtins.str] | None = ...,
         version: _builtins.int = ...,
+        expert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "components", b"components", "evictions", b"evictions", "format", b"format", "hits", b"hits", "id", b"id", "in_use", b"in_use", "load_time_ms", b"load_time_ms", "loads", b"loads", "name", b"name", "num_layers", b"num_layers", "path", b"path", "pinned", b"pinned", "promotions", b"promotions", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_count", b"use_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "components", b"components", "evictions", b"evictions", "expert", b"expert", "format", b"format", "hits", b"hits", "id", b"id", "in_use", b"in_use", "load_time_ms", b"load_time_ms", "loads", b"loads", "name", b"name", "num_layers", b"num_layers", "path", b"path", "pinned", b"pinned", "promotions", b"promotions", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_count", b"use_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -669,6 +684,7 @@ class LoadAdapterRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     PIN_FIELD_NUMBER: _builtins.int
+    EXPERT_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Folder (PEFT format) or .safetensors file (diffusers format) on the server machine."""
     name: _builtins.str
@@ -677,6 +693,8 @@ class LoadAdapterRequest(_message.Message):
     """Id to register it under (default: derived from the path)."""
     pin: _builtins.bool
     """Keep it loaded: never evicted by the LRU bound."""
+    expert: _builtins.str
+    """The expert (denoiser) to load it into, as in LoraRequest.expert."""
     def __init__(
         self,
         *,
@@ -684,10 +702,11 @@ class LoadAdapterRequest(_message.Message):
         name: _builtins.str = ...,
         id: _builtins.int | None = ...,
         pin: _builtins.bool = ...,
+        expert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "id", b"id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "id", b"id", "name", b"name", "path", b"path", "pin", b"pin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_id", b"_id", "expert", b"expert", "id", b"id", "name", b"name", "path", b"path", "pin", b"pin"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__id: _TypeAlias = _typing.Literal["id"]  # noqa: Y015
     _WhichOneofArgType__id: _TypeAlias = _typing.Literal["_id", b"_id"]  # noqa: Y015
@@ -730,19 +749,23 @@ class UnloadAdapterRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
+    EXPERT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     path: _builtins.str
+    expert: _builtins.str
+    """With a path: which expert's adapter from that path (as in LoraRequest.expert)."""
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         name: _builtins.str = ...,
         path: _builtins.str = ...,
+        expert: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "id", b"id", "name", b"name", "path", b"path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "id", b"id", "name", b"name", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "expert", b"expert", "id", b"id", "name", b"name", "path", b"path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_adapter: _TypeAlias = _typing.Literal["id", "name", "path"]  # noqa: Y015
     _WhichOneofArgType_adapter: _TypeAlias = _typing.Literal["adapter", b"adapter"]  # noqa: Y015
@@ -912,6 +935,7 @@ class Capabilities(_message.Message):
     FRAME_STEP_FIELD_NUMBER: _builtins.int
     DEFAULT_FRAMES_FIELD_NUMBER: _builtins.int
     DEFAULT_FPS_FIELD_NUMBER: _builtins.int
+    EXPERTS_FIELD_NUMBER: _builtins.int
     output: Global___OutputKind.ValueType
     negative_prompt: _builtins.bool
     """Whether GenerateRequest.negative_prompt applies (else a request setting it is INVALID_ARGUMENT)."""
@@ -922,6 +946,10 @@ class Capabilities(_message.Message):
     frame_step: _builtins.int
     default_frames: _builtins.int
     default_fps: _builtins.int
+    @_builtins.property
+    def experts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The denoisers an adapter may go into (LoraRequest.expert), the default first: two on Wan 2.2."""
+
     def __init__(
         self,
         *,
@@ -933,10 +961,11 @@ class Capabilities(_message.Message):
         frame_step: _builtins.int = ...,
         default_frames: _builtins.int = ...,
         default_fps: _builtins.int = ...,
+        experts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_fps", b"default_fps", "default_frames", b"default_frames", "frame_step", b"frame_step", "guidance", b"guidance", "max_frames", b"max_frames", "min_frames", b"min_frames", "negative_prompt", b"negative_prompt", "output", b"output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_fps", b"default_fps", "default_frames", b"default_frames", "experts", b"experts", "frame_step", b"frame_step", "guidance", b"guidance", "max_frames", b"max_frames", "min_frames", b"min_frames", "negative_prompt", b"negative_prompt", "output", b"output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

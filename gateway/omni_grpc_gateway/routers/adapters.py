@@ -21,7 +21,7 @@ from omni_grpc_gateway.schemas.adapters import (
 
 router = APIRouter(tags=["adapters"])
 
-_LOAD_PARAMS = {"path": "lora_path", "name": "lora_name", "id": "lora_int_id"}
+_LOAD_PARAMS = {"path": "lora_path", "name": "lora_name", "id": "lora_int_id", "expert": "expert"}
 _UNLOAD_PARAMS = {"name": "lora_name", "id": "lora_int_id"}
 
 
@@ -35,7 +35,7 @@ def require_admin(settings: Settings) -> None:
 )
 async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, client: Client) -> LoadLoraAdapterResponse:
     """Load an adapter into the server's table (idempotent for the same path)."""
-    message = pb.LoadAdapterRequest(path=body.lora_path, name=body.lora_name, pin=body.pin)
+    message = pb.LoadAdapterRequest(path=body.lora_path, name=body.lora_name, pin=body.pin, expert=body.expert or "")
     if body.lora_int_id is not None:
         message.id = body.lora_int_id
     auth = request.headers.get("authorization")
@@ -70,4 +70,5 @@ def adapter_out(adapter: pb.Adapter) -> AdapterOut:
         pinned=adapter.pinned,
         tier=pb.AdapterTier.Name(adapter.tier).removeprefix("ADAPTER_TIER_").lower(),
         size_bytes=adapter.size_bytes,
+        expert=adapter.expert,
     )

@@ -12,6 +12,7 @@ class LoadLoraAdapterRequest(StrictBody):
     lora_path: str = Field(min_length=1, description="Adapter folder or file on the server machine.")
     lora_int_id: AdapterId | None = None
     pin: bool = Field(False, description="Never evict it and keep it on the device.")
+    expert: str | None = Field(None, description="Models with several denoisers (Wan 2.2): the one it goes into.")
 
 
 class UnloadLoraAdapterRequest(StrictBody):
@@ -34,6 +35,7 @@ class AdapterOut(BaseModel):
     pinned: bool
     tier: str
     size_bytes: int
+    expert: str = ""
 
 
 class LoadLoraAdapterResponse(BaseModel):

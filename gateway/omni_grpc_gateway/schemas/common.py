@@ -77,6 +77,9 @@ class LoraRequestBody(StrictBody):
     name: str | None = Field(None, description="Name of a loaded adapter, or the name to give this path.")
     scale: Float32 | None = Field(None, description="Strength of the adapter (default 1.0).")
     id: AdapterId | None = Field(None, description="Stable adapter id (derived from the path when not given).")
+    expert: str | None = Field(
+        None, description="Models with several denoisers (Wan 2.2): the one it goes into, e.g. transformer_2."
+    )
 
     @model_validator(mode="after")
     def _names_an_adapter(self) -> LoraRequestBody:
@@ -123,6 +126,9 @@ class LoraBody(StrictBody):
     local_path: str | None = Field(None, description="Also `path`, `lora_path`: adapter location on the server.")
     scale: Float32 | None = Field(None, description="Also `lora_scale` (default 1.0).")
     int_id: AdapterId | None = Field(None, description="Also `lora_int_id`.")
+    expert: str | None = Field(
+        None, description="Models with several denoisers (Wan 2.2): the one it goes into, e.g. transformer_2."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -143,6 +149,9 @@ class LoraItemBody(StrictBody):
     name: str | None = Field(None, description="Also `lora_name`.")
     scale: Float32 | None = Field(None, description="Also `lora_scale` (default 1.0).")
     id: AdapterId | None = Field(None, description="Also `int_id`, `lora_int_id`.")
+    expert: str | None = Field(
+        None, description="Models with several denoisers (Wan 2.2): the one it goes into, e.g. transformer_2."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -10,6 +10,7 @@ class AppliedAdapterOut(BaseModel):
     name: str
     path: str
     scale: float
+    expert: str = ""
 
 
 class TimingsOut(BaseModel):

@@ -56,6 +56,8 @@ class Capabilities:
     guidance: GuidanceKind
     # Video families only.
     frames: FrameRule | None = None
+    # The denoisers adapters may go into, the default first.
+    experts: tuple[str, ...] = ()
 
 
 @dataclass
@@ -88,6 +90,10 @@ class Family:
 
     def guidance_kind(self, pipe: Any) -> GuidanceKind:
         return GuidanceKind.CFG
+
+    def experts(self, pipe: Any) -> tuple[str, ...]:
+        """The denoisers this pipeline has (Wan 2.1 leaves transformer_2 empty), the default first."""
+        return tuple(name for name in self.denoisers if getattr(pipe, name, None) is not None)
 
     def defaults(self, pipe: Any) -> tuple[int, float]:
         """Steps and guidance strength when a request leaves them unset: the pipeline's own."""
@@ -131,7 +137,9 @@ class Family:
         return (request.height, request.width, request.steps, request.guidance_scale > 1, bool(request.negative_prompt))
 
     def capabilities(self, pipe: Any) -> Capabilities:
-        return Capabilities(self.output, self.negative_prompt, self.guidance_kind(pipe), self.frames)
+        return Capabilities(
+            self.output, self.negative_prompt, self.guidance_kind(pipe), self.frames, experts=self.experts(pipe)
+        )
 
 
 class PackedTransformerFamily(Family):
