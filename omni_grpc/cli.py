@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from omni_grpc_gateway.logs import add_logging_flags, add_version_flag, configure_logging
+
 from omni_grpc.config import EngineConfig, Limits, ServerConfig
 
 ADMIN_TOKEN_ENV = "OMNI_GRPC_ADMIN_TOKEN"
@@ -167,6 +169,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         admin_token=args.admin_token or None,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -183,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period", type=float, default=server.grace_period, help="seconds running requests get on shutdown"
     )
     net.add_argument("--max-request-bytes", type=int, default=server.max_request_bytes, help="largest request message")
+    net.add_argument(
+        "--metrics-port",
+        type=int,
+        default=server.metrics_port,
+        help="Prometheus metrics at http://HOST:PORT/metrics (0: off)",
+    )
     sec = serve.add_argument_group("security")
     sec.add_argument(
         "--admin-token",
@@ -191,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sec.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     sec.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
-    net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_flags(net)
     serve.add_argument(
         "--example-adapter",
         type=Path,
@@ -207,31 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     from omni_grpc.bench.run import add_flags
 
     add_flags(bench)
-    bench.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_flags(bench, level="WARNING")
     soak = sub.add_parser("soak", help="load/generate/unload cycles against a real server on loopback")
     from omni_grpc.bench.soak import add_flags as add_soak_flags
 
     add_soak_flags(soak)
-    soak.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_flags(soak, level="WARNING")
     example = sub.add_parser(
         "example-adapter", help="write a PEFT adapter that fits the embedded default model (never overwrites)"
     )
     example.add_argument("path", type=Path, nargs="?", default=Path("loras/lora_adapter"))
     example.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
-    example.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_flags(example, level="WARNING")
+    for command in (parser, serve, gateway, bench, soak, example):
+        add_version_flag(command, "omni-grpc")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Libraries are chatty at INFO; operators want one line per request from us.
-    for noisy in ("diffusers", "transformers", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    configure_logging(args.log_level, args.log_format)
     if args.command == "serve":
         from omni_grpc.service.server import serve
 

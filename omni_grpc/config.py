@@ -82,3 +82,5 @@ class ServerConfig:
     # TLS for the gRPC port when both are set (PEM files).
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Prometheus metrics over HTTP on this port, on the same host (0: none).
+    metrics_port: int = 9464

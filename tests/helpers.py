@@ -153,7 +153,10 @@ def start_server(
     tls_ca: Path | None = None,
 ) -> Any:
     """A server with these `omni-grpc serve` flags: in this process unless `process` (or an environment or
-    no wait is asked for, which only a process can give)."""
+    no wait is asked for, which only a process can give). Without metrics unless `args` give a port: tests
+    start many servers at once."""
+    if not any(arg.startswith("--metrics-port") for arg in args):
+        args = ["--metrics-port", "0", *args]
     if not process and env is None and wait:
         return InProcessServer(args, log_path, tls_ca, port)
     port = port or free_port()

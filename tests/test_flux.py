@@ -3,6 +3,7 @@ adapters in one batch, bit-identical base output, and what the family refuses.""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from omni_grpc.engine.engine import Engine
+from omni_grpc.engine.progress import Preview, Progress, ProgressEvent
 from omni_grpc.engine.types import GenerateRequest, GuidanceKind, LoraRequest, OutputKind, SamplingParams
 from omni_grpc.errors import InvalidArgument
 from omni_grpc.tiny_models.flux import build_tiny_flux
@@ -139,3 +141,17 @@ def test_served_over_grpc_and_the_gateway(flux_dir: Path, tmp_path: Path) -> Non
     finally:
         gw.stop()
         srv.stop()
+
+
+def test_progress_previews_unpack_the_packed_latents(flux: Engine) -> None:
+    events: list[ProgressEvent] = []
+    req = dataclasses.replace(
+        request(seed=2), sampling=dataclasses.replace(request(seed=2).sampling, num_inference_steps=3)
+    )
+    streamed = flux.generate(req, progress=Progress(events.append, preview_every=1))
+    previews = [event for event in events if isinstance(event, Preview)]
+    side = 64 // flux.pipeline.pipe.vae_scale_factor
+    assert [p.step for p in previews] == [1, 2]
+    assert all((image.width, image.height) == (side, side) for p in previews for image in p.images)
+    assert [type(event).__name__ for event in events[:2]] == ["Queued", "Started"]
+    np.testing.assert_array_equal(np.asarray(streamed.images[0].array), run(flux, req))

@@ -250,7 +250,7 @@ def test_the_gateway_does_not_import_torch() -> None:
         ({"size": "64x64", "height": 64}, "size", "either size or height/width"),
         ({"sampling_params": {"steps": 4}}, "sampling_params.steps", "Extra inputs"),
         ({"lorra_request": {}}, "lorra_request", "Extra inputs"),
-        ({"stream": True}, "stream", "stream is not supported"),
+        ({"partial_images": 1}, "partial_images", "partial_images goes with stream: true"),
         ({"n": 2}, "n", "num_outputs_per_prompt"),
         ({"messages": []}, "messages", "at least 1"),
         ({"messages": [{"role": "assistant", "content": "x"}]}, "messages", "no user message"),
@@ -441,6 +441,18 @@ def test_example_client_writes_the_png(gateway: GatewayProcess, style_a: Path, t
     assert "adapter style_a at scale 1" in done.stdout
     with Image.open(output) as image:
         assert image.format == "PNG" and image.size == (64, 64)
+    # Streamed: a progress bar of the steps on stderr, and the same image.
+    streamed_output = tmp_path / "streamed.png"
+    size[-1] = str(streamed_output)
+    done = subprocess.run(
+        [sys.executable, str(script), "--server", gateway.url, *args, *size, "--stream"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "denoising (batch of 1)" in done.stderr and "2/2" in done.stderr
+    assert streamed_output.read_bytes() == output.read_bytes()
     bad = subprocess.run(
         [sys.executable, str(script), "--server", gateway.url, "--prompt", "x", "--lora-path", str(tmp_path / "no")],
         capture_output=True,

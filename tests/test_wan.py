@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from omni_grpc.engine.engine import Engine
+from omni_grpc.engine.progress import Preview, Progress, ProgressEvent, Step
 from omni_grpc.engine.types import GenerateRequest, GuidanceKind, LoraRequest, OutputKind, SamplingParams
 from omni_grpc.errors import InvalidArgument
 from omni_grpc.tiny_models.wan import build_tiny_wan
@@ -391,3 +392,14 @@ def test_the_gateway_serves_videos_and_refuses_the_wrong_route(
     assert wrong.status_code == 400 and "this model (sd3) makes images" in wrong.text
     frames = gateway.post("/v1/images/generations", {"prompt": PROMPT, "num_frames": 5})
     assert frames.status_code == 400 and frames.json()["error"]["param"] == "num_frames"
+
+
+def test_progress_of_a_video_previews_its_first_frame(wan: Engine) -> None:
+    events: list[ProgressEvent] = []
+    streamed = wan.generate(request(seed=3), progress=Progress(events.append, preview_every=1))
+    steps = [event.step for event in events if isinstance(event, Step)]
+    previews = [event for event in events if isinstance(event, Preview)]
+    assert steps == [1, 2] and [p.step for p in previews] == [1] and len(previews[0].images) == 1
+    side = 64 // wan.pipeline.pipe.vae_scale_factor_spatial
+    assert (previews[0].images[0].width, previews[0].images[0].height) == (side, side)
+    np.testing.assert_array_equal(np.asarray(streamed.videos[0].array), run(wan, request(seed=3)))

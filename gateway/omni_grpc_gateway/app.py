@@ -9,8 +9,9 @@ from fastapi import FastAPI
 
 from omni_grpc_gateway.errors import install_error_handlers
 from omni_grpc_gateway.grpc_client import OmniClient
+from omni_grpc_gateway.metrics import GatewayMetrics
 from omni_grpc_gateway.middleware import AccessLog, BodyLimit, RequireJson
-from omni_grpc_gateway.routers import adapters, chat, health, images, models, videos
+from omni_grpc_gateway.routers import adapters, chat, health, images, metrics, models, videos
 from omni_grpc_gateway.settings import GatewaySettings
 
 DESCRIPTION = """OpenAI-style JSON in front of the omni-grpc gRPC service.
@@ -37,12 +38,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         title="omni-grpc gateway", description=DESCRIPTION, version="1", lifespan=lifespan, redirect_slashes=False
     )
     app.state.settings = settings
+    app.state.metrics = gateway_metrics = GatewayMetrics()
     install_error_handlers(app)
-    for router in (chat.router, images.router, videos.router, models.router, health.router):
+    for router in (chat.router, images.router, videos.router, models.router, health.router, metrics.router):
         app.include_router(router)
     app.include_router(adapters.router, include_in_schema=settings.enable_lora_admin)
     # The last added is the outermost: the access log sees the 413s and 415s too.
     app.add_middleware(RequireJson, form_paths=frozenset({videos.PATH}))
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(AccessLog)
+    app.add_middleware(AccessLog, metrics=gateway_metrics)
     return app

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omni_grpc_gateway.logs import add_logging_flags, add_version_flag, configure_logging
 from omni_grpc_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_connections,
         help="open connections at once; beyond, new ones are answered 503",
     )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_flags(parser)
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     # A no-op handler here makes a graceful stop exit 0, as the gRPC server does.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(uvicorn_config(settings, log_level=args.log_level.lower())).run()
+    # uvicorn's own lines go through the handler configure_logging installed (JSON included).
+    uvicorn.Server(uvicorn_config(settings, log_level=args.log_level.lower(), own_logging=False)).run()
     return 0
 
 
@@ -116,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     """The `omni-grpc-gateway` command of the gateway-only install."""
     parser = argparse.ArgumentParser(prog="omni-grpc-gateway", description="OpenAI-style REST gateway for omni-grpc")
     add_gateway_flags(parser)
+    add_version_flag(parser, "omni-grpc-gateway")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(args.log_level, args.log_format)
     return run(args)
 
 

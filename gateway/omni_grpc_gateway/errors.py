@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from fastapi import FastAPI, Request
@@ -63,6 +63,11 @@ class ApiError(StarletteHTTPException):
 def _error(status: int, message: str, param: str | None, code: str | None) -> ErrorResponse:
     error_type, default_code = _TYPE_AND_CODE_OF.get(status, ("server_error", "error"))
     return ErrorResponse(error=ErrorBody(message=message, type=error_type, param=param, code=code or default_code))
+
+
+def error_object(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The error object as a dict, for an error sent inside a stream."""
+    return _error(status, message, param, code).model_dump()
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:

@@ -46,6 +46,13 @@ class OmniClient:
     async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         return await self._stub.Generate(request, timeout=self._settings.request_timeout)
 
+    def generate_stream(
+        self, request: pb.GenerateRequest, preview_every_steps: int = 0
+    ) -> grpc.aio.UnaryStreamCall[pb.GenerateStreamRequest, pb.GenerateEvent]:
+        """The streamed Generate: its events, the reply last. Cancel the call to stop the work."""
+        message = pb.GenerateStreamRequest(request=request, preview_every_steps=preview_every_steps)
+        return self._stub.GenerateStream(message, timeout=self._settings.request_timeout)
+
     async def server_info(self) -> pb.GetServerInfoResponse:
         return await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._settings.health_timeout * 5)
 

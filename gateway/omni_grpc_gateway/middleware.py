@@ -7,10 +7,12 @@ import logging
 import time
 
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_grpc_gateway.errors import ApiError, error_response
 from omni_grpc_gateway.form_bodies import FORM_TYPES
+from omni_grpc_gateway.metrics import UNMATCHED, GatewayMetrics
 
 log = logging.getLogger("omni_grpc_gateway.access")
 # Longest client value in a log line.
@@ -77,10 +79,12 @@ class RequireJson:
 
 
 class AccessLog:
-    """`POST /v1/chat/completions status=200 adapter=style images=1 ms=812.4` for every request."""
+    """`POST /v1/chat/completions status=200 adapter=style images=1 ms=812.4` for every request, and its count
+    and latency in the gateway's metrics."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,13 +102,36 @@ class AccessLog:
         try:
             await self.app(scope, receive, capture)
         finally:
+            seconds = time.perf_counter() - start
+            route = _route_of(scope)
+            self.metrics.observe(route, status, seconds)
             state = Request(scope).state
+            fields = {
+                "method": _loggable(scope["method"]),
+                "path": _loggable(scope["path"]),
+                "route": route,
+                "status": status,
+                "adapter": _loggable(getattr(state, "adapter", "-")),
+                "images": getattr(state, "images", "-"),
+                "ms": round(seconds * 1000, 1),
+            }
             log.info(
                 "%s %s status=%d adapter=%s images=%s ms=%.1f",
-                _loggable(scope["method"]),
-                _loggable(scope["path"]),
+                fields["method"],
+                fields["path"],
                 status,
-                _loggable(getattr(state, "adapter", "-")),
-                getattr(state, "images", "-"),
-                (time.perf_counter() - start) * 1000,
+                fields["adapter"],
+                fields["images"],
+                seconds * 1000,
+                extra=fields,
             )
+
+
+def _route_of(scope: Scope) -> str:
+    """The template of the route a request matched (FastAPI's own routes, /openapi.json included), else UNMATCHED:
+    never the raw path, which would make a metric label of every URL a client invents."""
+    route = scope.get("route")
+    if route is None:
+        app = scope.get("app")
+        route = next((r for r in getattr(app, "routes", ()) if r.matches(scope)[0] is Match.FULL), None)
+    return str(getattr(route, "path", UNMATCHED))

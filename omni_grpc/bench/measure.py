@@ -83,6 +83,7 @@ def mixed_workload(
         ),
         port=0,
         grace_period=5,
+        metrics_port=0,
     )
     with running_server(config) as server:
         channel = grpc.insecure_channel(server.target)

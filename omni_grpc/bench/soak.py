@@ -244,7 +244,7 @@ def _spawn_server(
     args: argparse.Namespace, lora_dir: Path, token: str, log_path: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = ["serve", "--host", "127.0.0.1", f"--port={port}", f"--lora-dirs={lora_dir}"]
+    command = ["serve", "--host", "127.0.0.1", f"--port={port}", "--metrics-port=0", f"--lora-dirs={lora_dir}"]
     if args.cache_dir is not None:
         command.append(f"--cache-dir={args.cache_dir}")
     # The token goes by environment, not argv, where any local user could read it from `ps`.

@@ -46,6 +46,7 @@ from omni_grpc.quoting import loggable, shown
 log = logging.getLogger(__name__)
 
 MAX_ADAPTER_ID = (1 << 63) - 1
+TOTALS = ("loads", "hits", "promotions", "evictions")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
@@ -232,6 +233,8 @@ class AdapterTable:
         self._by_key: dict[AdapterKey, AdapterEntry] = {}
         self._pending: dict[AdapterKey, _Pending] = {}
         self._loads_by_key: dict[AdapterKey, int] = {}
+        # Every read, hit, promotion and move down since start, whatever became of the adapters (for metrics).
+        self._totals = dict.fromkeys(TOTALS, 0)
         self._counter = 0
 
     # ---- public operations -------------------------------------------------------------------
@@ -276,6 +279,11 @@ class AdapterTable:
                 raise
         self._rebalance_best_effort()
         return lease
+
+    def totals(self) -> dict[str, int]:
+        """Adapter reads (first loads and re-reads), hits, promotions and evictions since start."""
+        with self._lock:
+            return dict(self._totals)
 
     def tier_counts(self) -> dict[str, int]:
         with self._lock:
@@ -466,6 +474,7 @@ class AdapterTable:
         by_request: bool,
     ) -> AdapterEntry:
         loads = self._loads_by_key.get(key, 0) + 1
+        self._totals["loads"] += 1
         self._loads_by_key[key] = loads
         entry = AdapterEntry(
             id=pending.id,
@@ -515,6 +524,7 @@ class AdapterTable:
                 tier = entry.tier
                 if tier is Tier.DEVICE:
                     entry.hits += 1
+                    self._totals["hits"] += 1
                     return
             if tier is Tier.DISK:
                 self._reread_locked(entry)
@@ -522,6 +532,7 @@ class AdapterTable:
             self._backend.move(entry.internal_name, Tier.DEVICE)
             with self._lock:
                 entry.promotions += 1
+                self._totals["promotions"] += 1
                 self._set_tier_locked(entry, Tier.DEVICE)
             log.info("adapter promoted to the device id=%d name=%s", entry.id, entry.name)
 
@@ -558,6 +569,7 @@ class AdapterTable:
                 entry.version += 1
             entry.loaded = loaded
             entry.loads = self._loads_by_key[entry.key] = self._loads_by_key.get(entry.key, 0) + 1
+            self._totals["loads"] += 1
             self._set_tier_locked(entry, Tier.DEVICE)
         log.info(
             "adapter re-read from disk id=%d name=%s version=%d%s rank=%d bytes=%d",
@@ -593,6 +605,7 @@ class AdapterTable:
                 with self._lock:
                     self._set_tier_locked(victim, target)
                     victim.evictions += 1
+                    self._totals["evictions"] += 1
                 log.info("adapter moved down to %s id=%d name=%s", target.value, victim.id, victim.name)
             finally:
                 victim.move_lock.release()

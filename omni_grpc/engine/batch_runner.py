@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from omni_grpc.engine.imaging import encode_image
 from omni_grpc.engine.lora_set import LoraSet
 from omni_grpc.engine.pipeline import LoadedPipeline, run_pipeline
+from omni_grpc.engine.progress import Preview, Progress, Started, Step
 from omni_grpc.engine.turns import Turns
-from omni_grpc.engine.types import Timings
+from omni_grpc.engine.types import GeneratedImage, OutputFormat, Timings
 from omni_grpc.engine.validation import ValidRequest
 from omni_grpc.engine.worker import BatchItem
 from omni_grpc.errors import Cancelled, DeadlineExceeded, FailedPrecondition, OmniError, ResourceExhausted
@@ -43,6 +45,8 @@ class Work:
     check: StopCheck
     submitted: float
     timings: Timings
+    # A streaming caller's events (None: nobody listens).
+    progress: Progress | None = None
 
 
 @dataclass
@@ -77,15 +81,20 @@ def stop_check(cancelled: Callable[[], bool] | None, deadline: float | None) -> 
 class BatchRunner:
     """Runs batches on the worker thread; the worker calls it with the requests it put together."""
 
-    def __init__(self, pipeline: LoadedPipeline, lora: LoraSet, turns: Turns) -> None:
+    def __init__(
+        self, pipeline: LoadedPipeline, lora: LoraSet, turns: Turns, on_batch: Callable[[int], None] | None = None
+    ) -> None:
         self._pipeline = pipeline
         self._lora = lora
         self._turns = turns
+        # Told the images of each pipeline call it makes.
+        self._on_batch = on_batch
 
     def __call__(self, items: list[BatchItem[Work]]) -> None:
         started = time.perf_counter()
         live: list[BatchItem[Work]] = []
         for item in items:
+            item.started = True
             item.payload.timings.queue_ms = (started - item.payload.submitted) * 1000
             if not _settle_if_stopped(item, -1):
                 live.append(item)
@@ -122,6 +131,27 @@ class BatchRunner:
                 _free_cached_memory()
                 item.future.set_exception(error)
 
+    def _report(self, live: list[BatchItem[Work]], step: int, latents: torch.Tensor, since: float) -> None:
+        """Each streaming request's step, and a preview of its own samples when it asked for one now."""
+        elapsed_ms = (time.perf_counter() - since) * 1000
+        row = 0
+        for item in live:
+            n = len(item.payload.request.seeds)
+            progress = item.payload.progress
+            if progress is not None and not item.future.done():
+                request = item.payload.request
+                progress.sink(Step(step=step, total_steps=request.steps, elapsed_ms=elapsed_ms))
+                if progress.wants_preview(step, request.steps):
+                    pictures = self._pipeline.preview.images(latents[row : row + n], request.height, request.width)
+                    images = [
+                        GeneratedImage(
+                            picture, seed, data=encode_image(picture, OutputFormat.PNG), mime_type="image/png"
+                        )
+                        for picture, seed in zip(pictures, request.seeds, strict=True)
+                    ]
+                    progress.sink(Preview(step=step, images=images))
+            row += n
+
     def _run_together(self, live: list[BatchItem[Work]], started: float) -> None:
         """One pipeline call for `live`; fills each request's future."""
         samples: list[tuple[tuple[str, float], ...]] = []
@@ -142,6 +172,9 @@ class BatchRunner:
 
         pipeline = self._pipeline
         plan = self._lora.plan_for(samples)
+        for item in live:
+            if item.payload.progress is not None:
+                item.payload.progress.sink(Started(batch_size=len(seeds)))
 
         def resume() -> None:
             # Another batch may have had the model since this one's last step: put this one's state back. The
@@ -159,6 +192,7 @@ class BatchRunner:
                     if not all(finite[row : row + n]):
                         item.future.set_exception(_non_finite(item))
                 row += n
+            self._report(live, step + 1, latents, denoise_start)
             if self._turns.pass_if_waiting():  # a batch or job waits for the model: one step each
                 resume()
             # A stopped request is answered at once; the others go on. Stop when none is left.
@@ -167,6 +201,8 @@ class BatchRunner:
                 raise _AllStopped
 
         resume()
+        if self._on_batch is not None:
+            self._on_batch(len(seeds))
         activation_ms = (time.perf_counter() - started) * 1000
         denoise_start = time.perf_counter()
         try:

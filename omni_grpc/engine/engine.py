@@ -25,8 +25,10 @@ from omni_grpc.engine.adapters import AdapterLease, AdapterTable, normalize_path
 from omni_grpc.engine.batch_runner import BatchRunner, Done, StopCheck, Work, stop_check
 from omni_grpc.engine.imaging import encode_image, encode_mp4
 from omni_grpc.engine.lora_set import LoraSet
+from omni_grpc.engine.observe import EngineState, Observer, RequestRecord
 from omni_grpc.engine.path_policy import PathPolicy
 from omni_grpc.engine.pipeline import LoadedPipeline, load_pipeline
+from omni_grpc.engine.progress import Progress, ProgressEvent, Queued, Started
 from omni_grpc.engine.types import (
     AdapterInfo,
     AppliedAdapter,
@@ -62,6 +64,9 @@ class _Admission:
     # NOT_RUN until it succeeds or fails (a batch mate's error can stop it from being waited for).
     outcome: str = "NOT_RUN"
     batch_images: int = 0
+    progress: Progress | None = None
+    # The adapters it runs with, as its reply names them.
+    applied: list[AppliedAdapter] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -74,6 +79,22 @@ def _paths_as_sent(real: str | None, sent: str | None) -> Iterator[None]:
         if real and sent and real != sent:
             exc.message = exc.message.replace(real, sent)
         raise
+
+
+def _with_adapters(progress: Progress | None, applied: list[AppliedAdapter]) -> Progress | None:
+    """The request's listener, told at the start which adapters it runs with (the worker knows only the batch)."""
+    if progress is None:
+        return None
+    sink = progress.sink
+
+    def tell(event: ProgressEvent) -> None:
+        sink(dataclasses.replace(event, adapters=list(applied)) if isinstance(event, Started) else event)
+
+    return dataclasses.replace(progress, sink=tell)
+
+
+def _adapter_names(admissions: list[_Admission]) -> list[str]:
+    return sorted({lease.entry.name for admission in admissions for lease in admission.leases})
 
 
 def _outcome(exc: BaseException) -> str:
@@ -96,6 +117,10 @@ class Engine:
         # Generate requests inside the engine (waiting or running), for the --max-queue bound.
         self._outstanding = 0
         self._outstanding_lock = threading.Lock()
+        # Those queued or running, by request id (for `state`).
+        self._active: dict[int, _Admission] = {}
+        # Told of every request as it ends and every batch as it runs (the server's metrics).
+        self.observers: list[Observer] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -120,7 +145,7 @@ class Engine:
         self._lora = LoraSet(
             pipeline.lora_parts, pipeline.denoiser_component, pipeline.kohya_table, pipeline.device, pipeline.dtype
         )
-        self._worker.start_batching(BatchRunner(pipeline, self._lora, self._worker.turns))
+        self._worker.start_batching(BatchRunner(pipeline, self._lora, self._worker.turns, on_batch=self._batch_done))
         self._table = AdapterTable(
             PipelineAdapters(
                 self._worker, self._lora, cfg.limits.max_lora_rank, self._paths, LoadingBudget(cfg.max_loading_bytes)
@@ -167,9 +192,11 @@ class Engine:
         *,
         cancelled: Callable[[], bool] | None = None,
         deadline: float | None = None,
+        progress: Progress | None = None,
     ) -> GenerateResult:
-        """Run one request. `cancelled` is polled between steps; `deadline` is a time.monotonic() value."""
-        return self.generate_many([request], cancelled=cancelled, deadline=deadline)[0]
+        """Run one request. `cancelled` is polled between steps; `deadline` is a time.monotonic() value;
+        `progress` is told the request's place in the queue, its start, its steps and previews."""
+        return self.generate_many([request], cancelled=cancelled, deadline=deadline, progress=[progress])[0]
 
     def generate_many(
         self,
@@ -177,13 +204,19 @@ class Engine:
         *,
         cancelled: Callable[[], bool] | None = None,
         deadline: float | None = None,
+        progress: list[Progress | None] | None = None,
     ) -> list[GenerateResult]:
-        """Run several requests, queued together so that those of one shape share a denoising batch.
+        """Run several requests, queued together so that those of one shape share a denoising batch
+        (`progress`: each one's listener, if any).
 
         Raises the first request's error, if any.
         """
         self._reserve(len(requests))
-        admissions = [_Admission(next(self._request_ids), request) for request in requests]
+        listeners = progress or [None] * len(requests)
+        admissions = [
+            _Admission(next(self._request_ids), request, progress=listener)
+            for request, listener in zip(requests, listeners, strict=True)
+        ]
         submitted = False
         try:
             for admission in admissions:
@@ -234,6 +267,33 @@ class Engine:
     def tier_counts(self) -> dict[str, int]:
         """Adapters per tier ("device", "host", "disk")."""
         return self._adapters.tier_counts()
+
+    def state(self) -> EngineState:
+        """Requests running and waiting, and the adapters they hold; adapters per tier and their moves."""
+        with self._outstanding_lock:
+            active = [a for a in self._active.values() if a.item is not None]
+        running = [a for a in active if a.item is not None and a.item.started]
+        waiting = [a for a in active if a.item is not None and not a.item.started]
+        ready = self.ready
+        return EngineState(
+            running=len(running),
+            waiting=len(waiting),
+            tiers=self._adapters.tier_counts() if ready else {},
+            adapter_totals=self._adapters.totals() if ready else {},
+            running_adapters=_adapter_names(running),
+            waiting_adapters=_adapter_names(waiting),
+            max_device_adapters=self.config.max_device_adapters,
+        )
+
+    def _batch_done(self, images: int) -> None:
+        self._notify(lambda observer: observer.batch_done(images))
+
+    def _notify(self, tell: Callable[[Observer], None]) -> None:
+        for observer in self.observers:
+            try:
+                tell(observer)
+            except Exception:  # an observer's failure is no request's
+                log.exception("an engine observer failed")
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -286,6 +346,18 @@ class Engine:
                     )
             if admission.leases:
                 admission.timings.adapter_ms = (time.perf_counter() - admission.arrived) * 1000
+            # Each named as registered, with the path as this request gave it (none when it named the adapter): a
+            # reply shows no server path.
+            admission.applied = [
+                AppliedAdapter(
+                    id=lease.entry.id,
+                    name=lease.entry.name,
+                    path=lora.path or "",
+                    scale=lease.scale,
+                    expert=lease.entry.expert,
+                )
+                for lease, (_, lora) in zip(admission.leases, admission.requested, strict=True)
+            ]
             work = Work(
                 request=valid,
                 adapters=tuple((lease.entry.internal_name, lease.scale) for lease in admission.leases),
@@ -293,10 +365,16 @@ class Engine:
                 check=check,
                 submitted=time.perf_counter(),
                 timings=admission.timings,
+                progress=_with_adapters(admission.progress, admission.applied),
             )
             admission.item = BatchItem(
                 key=self.pipeline.family.batch_key(valid), size=len(valid.seeds), payload=work, steps=valid.steps
             )
+            if admission.progress is not None:
+                sink = admission.progress.sink
+                admission.item.on_position = lambda position: sink(Queued(position))
+            with self._outstanding_lock:
+                self._active[admission.request_id] = admission
         except BaseException as exc:
             admission.outcome = _outcome(exc)
             raise
@@ -349,18 +427,7 @@ class Engine:
             raise
         timings.total_ms = (time.perf_counter() - admission.arrived) * 1000
         admission.outcome = "OK"
-        # Each named as registered, with the path as this request gave it (none when it named the adapter): a
-        # reply shows no server path.
-        applied = [
-            AppliedAdapter(
-                id=lease.entry.id,
-                name=lease.entry.name,
-                path=lora.path or "",
-                scale=lease.scale,
-                expert=lease.entry.expert,
-            )
-            for lease, (_, lora) in zip(admission.leases, admission.requested, strict=True)
-        ]
+        applied = admission.applied
         return GenerateResult(
             images=images,
             videos=videos,
@@ -380,7 +447,16 @@ class Engine:
             admission.outcome = "OK" if exc is None else _outcome(exc)
         for lease in admission.leases:
             lease.release()
+        with self._outstanding_lock:
+            self._active.pop(admission.request_id, None)
         self._log_request(admission)
+        record = RequestRecord(
+            outcome=admission.outcome,
+            queue_s=admission.timings.queue_ms / 1000,
+            inference_s=admission.timings.inference_ms / 1000,
+            total_s=time.perf_counter() - admission.arrived,
+        )
+        self._notify(lambda observer: observer.request_done(record))
 
     def _log_request(self, admission: _Admission) -> None:
         request, valid = admission.request, admission.valid
@@ -394,26 +470,23 @@ class Engine:
         adapter = ",".join(labels) or "-"
         # A request refused by validation has not been validated.
         steps_done = admission.item.steps_done if admission.item is not None else 0
-        shape = (
-            f"size={valid.width}x{valid.height} steps={valid.steps} steps_done={steps_done} images={len(valid.seeds)}"
-            if valid is not None
-            else "size=? steps=? steps_done=0 images=?"
-        )
         outcome = admission.outcome
         timings = admission.timings
+        fields: dict[str, object] = {
+            "id": admission.request_id,
+            "adapter": adapter,
+            "size": f"{valid.width}x{valid.height}" if valid is not None else "?",
+            "steps": valid.steps if valid is not None else "?",
+            "steps_done": steps_done,
+            "images": len(valid.seeds) if valid is not None else "?",
+            "batch": admission.batch_images,
+            "outcome": outcome,
+            "queue_ms": round(timings.queue_ms, 1),
+            "adapter_ms": round(timings.adapter_ms, 1),
+            "inference_ms": round(timings.inference_ms, 1),
+            "encode_ms": round(timings.encode_ms, 1),
+            "total_ms": round((time.perf_counter() - admission.arrived) * 1000, 1),
+        }
         level = logging.INFO if outcome in ("OK", "CANCELLED", "NOT_RUN") else logging.WARNING
-        log.log(
-            level,
-            "generate id=%d adapter=%s %s batch=%d outcome=%s queue_ms=%.1f adapter_ms=%.1f inference_ms=%.1f "
-            "encode_ms=%.1f total_ms=%.1f",
-            admission.request_id,
-            adapter,
-            shape,
-            admission.batch_images,
-            outcome,
-            timings.queue_ms,
-            timings.adapter_ms,
-            timings.inference_ms,
-            timings.encode_ms,
-            (time.perf_counter() - admission.arrived) * 1000,
-        )
+        # The text line and, with --log-format json, the same fields as keys of the object.
+        log.log(level, "generate %s", " ".join(f"{key}={value}" for key, value in fields.items()), extra=fields)

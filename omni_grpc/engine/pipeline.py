@@ -23,6 +23,7 @@ from omni_grpc.engine.families import FAMILIES, Capabilities, Family, family_of
 from omni_grpc.engine.families.base import BatchCall
 from omni_grpc.engine.guidance import SampleGuidance
 from omni_grpc.engine.kohya_names import KohyaTable
+from omni_grpc.engine.previews import LatentPreview
 from omni_grpc.engine.types import OutputKind
 from omni_grpc.errors import ModelLoadError
 
@@ -56,6 +57,8 @@ class LoadedPipeline:
     # The modules Kohya / LyCORIS names stand for in this pipeline.
     kohya_table: KohyaTable
     capabilities: Capabilities
+    # Pictures of latents mid-denoising, for streaming callers.
+    preview: LatentPreview
 
     def fresh_pipe(self) -> Any:
         """A pipeline object of its own for one call, sharing every model (about a millisecond): a call keeps
@@ -157,6 +160,7 @@ def load_pipeline(
         denoiser_component=denoiser_component,
         kohya_table=family.kohya_table(denoiser, text_encoders),
         capabilities=family.capabilities(pipe),
+        preview=LatentPreview(pipe, family),
     )
     log.info(
         "model loaded name=%s family=%s device=%s dtype=%s default=%dx%d steps=%d",

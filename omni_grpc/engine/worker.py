@@ -40,6 +40,11 @@ class BatchItem(Generic[P]):
     # The turns it needs (denoising steps), and those it has had.
     steps: int = 1
     steps_done: int = 0
+    # Set when its batch begins (before it: waiting in the queue).
+    started: bool = False
+    # Told its place in the queue (0: next) when it is queued and each time the place changes.
+    on_position: Callable[[int], None] | None = None
+    position: int = -1
     future: Future[Any] = field(default_factory=Future)
 
 
@@ -91,6 +96,8 @@ class Worker(Generic[P]):
                 return
             self._queue.extend(items)
             self._ready.notify_all()
+            moved = self._moved_locked()
+        _tell(moved)
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run a plain job with the model's turn and wait for it (inline when already on the worker)."""
@@ -155,12 +162,27 @@ class Worker(Generic[P]):
         self._running.append(batch)
         return batch
 
+    def _moved_locked(self) -> list[tuple[Callable[[int], None], int]]:
+        """The queued requests whose place changed, each with its new place (the caller holds the condition)."""
+        moved = []
+        ahead = 0
+        for item in self._queue:
+            if isinstance(item, BatchItem):
+                if item.on_position is not None and item.position != ahead:
+                    item.position = ahead
+                    moved.append((item.on_position, ahead))
+                ahead += 1
+        return moved
+
     def _loop(self) -> None:
         while (work := self._take()) is not None:
             if isinstance(work, _Job):
                 self._run_job(work)
             else:
                 threading.Thread(target=self._run_batch_alone, args=(work,), name=f"{self._name}-batch").start()
+                with self._ready:
+                    moved = self._moved_locked()
+                _tell(moved)
             # Drop the work here, not at the next take: its closures may hold adapter tensors.
             del work
 
@@ -188,3 +210,11 @@ class Worker(Generic[P]):
             with self._ready:
                 self._running.remove(batch)
                 self._ready.notify_all()
+
+
+def _tell(moved: list[tuple[Callable[[int], None], int]]) -> None:
+    for on_position, position in moved:
+        try:
+            on_position(position)
+        except Exception:  # a listener's failure is not the queue's
+            log.exception("a queue position listener failed")

@@ -8,9 +8,12 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from google.protobuf.message import Message
 
+from omni_grpc.engine.progress import ProgressEvent, Queued, Started, Step
 from omni_grpc.engine.types import (
     AdapterFormat,
     AdapterInfo,
+    AppliedAdapter,
+    GeneratedImage,
     GenerateRequest,
     GenerateResult,
     GuidanceKind,
@@ -82,14 +85,32 @@ def _lora_from_pb(lora: pb.LoraRequest) -> LoraRequest:
     )
 
 
+def _image_to_pb(img: GeneratedImage) -> pb.Image:
+    return pb.Image(
+        data=img.data or b"", mime_type=img.mime_type or "", width=img.width, height=img.height, seed=img.seed
+    )
+
+
+def _applied_to_pb(a: AppliedAdapter) -> pb.AppliedAdapter:
+    return pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale, expert=a.expert)
+
+
+def progress_event_to_pb(event: ProgressEvent) -> pb.GenerateEvent:
+    if isinstance(event, Queued):
+        return pb.GenerateEvent(queued=pb.QueuedEvent(position=event.position))
+    if isinstance(event, Started):
+        adapters = [_applied_to_pb(a) for a in event.adapters]
+        return pb.GenerateEvent(started=pb.StartedEvent(batch_size=event.batch_size, adapters=adapters))
+    if isinstance(event, Step):
+        step = pb.StepEvent(step=event.step, total_steps=event.total_steps, elapsed_ms=event.elapsed_ms)
+        return pb.GenerateEvent(step=step)
+    images = [_image_to_pb(img) for img in event.images]
+    return pb.GenerateEvent(preview=pb.PreviewEvent(step=event.step, images=images))
+
+
 def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
     response = pb.GenerateResponse(
-        images=[
-            pb.Image(
-                data=img.data or b"", mime_type=img.mime_type or "", width=img.width, height=img.height, seed=img.seed
-            )
-            for img in result.images
-        ],
+        images=[_image_to_pb(img) for img in result.images],
         timings=pb.Timings(
             queue_ms=result.timings.queue_ms,
             adapter_ms=result.timings.adapter_ms,
@@ -101,10 +122,7 @@ def generate_response_to_pb(result: GenerateResult) -> pb.GenerateResponse:
         guidance_scale=result.guidance_scale,
         batch_size=result.batch_size,
         model=result.model,
-        adapters=[
-            pb.AppliedAdapter(id=a.id, name=a.name, path=a.path, scale=a.scale, expert=a.expert)
-            for a in result.adapters
-        ],
+        adapters=[_applied_to_pb(a) for a in result.adapters],
         videos=[
             pb.Video(
                 data=video.data or b"",

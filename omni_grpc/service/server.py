@@ -1,8 +1,10 @@
 """Build and run the gRPC server: OmniService, health, reflection, signals and a graceful drain.
 
 Health (grpc.health.v1) reports NOT_SERVING while the model loads, SERVING once it is ready, and
-NOT_SERVING again as soon as shutdown begins. The port opens before the model loads, so orchestrators
-can watch health from the start.
+NOT_SERVING again as soon as shutdown begins (readiness: the service "" and omni_grpc.v1.OmniService). The
+service "liveness" is SERVING from the moment the port opens, the model's load included, until shutdown: a
+liveness probe that never kills a server for loading a big model. The port opens before the model loads, so
+orchestrators can watch health from the start.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from omni_grpc.engine.engine import Engine
 from omni_grpc.errors import ModelLoadError, OmniError
 from omni_grpc.quoting import loggable
 from omni_grpc.service.auth import AdminToken, AdminTokenInterceptor
+from omni_grpc.service.metrics import ServerMetrics
 from omni_grpc.service.servicer import OmniServicer
 from omni_grpc.v1 import SERVICE_NAME, omni_pb2_grpc
 
 log = logging.getLogger(__name__)
+# The health service that answers SERVING while the process is alive (loading included).
+LIVENESS_SERVICE = "liveness"
 
 
 async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
@@ -69,6 +74,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    metrics = ServerMetrics(engine)
 
     address = f"{config.host}:{config.port}"
     try:
@@ -80,7 +86,16 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     except (RuntimeError, OSError) as exc:
         log.error("cannot listen on %s (is another server using the port?): %s", address, exc)
         return 1
+    metrics_server = None
+    if config.metrics_port:
+        try:
+            metrics_server = metrics.serve(config.host, config.metrics_port)
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d (--metrics-port): %s", config.host, config.metrics_port, exc)
+            return 1
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
     await server.start()
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     _log_security(config)
     log.info(
         "listening on %s:%d%s (health NOT_SERVING until the model is loaded)",
@@ -127,6 +142,8 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     if loading.done():
         await asyncio.get_running_loop().run_in_executor(None, engine.close)
     executor.shutdown(wait=False, cancel_futures=True)
+    if metrics_server is not None:
+        metrics_server.shutdown()
     log.info("stopped")
     return exit_code
 

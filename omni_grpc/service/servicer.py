@@ -10,7 +10,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any, NoReturn, TypeVar, cast
 
@@ -21,6 +21,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from omni_grpc.engine.engine import Engine
+from omni_grpc.engine.progress import Progress, ProgressEvent
 from omni_grpc.errors import InvalidArgument, OmniError, Unavailable
 from omni_grpc.service import convert
 from omni_grpc.service.auth import AdminToken
@@ -75,6 +76,44 @@ class OmniServicer(omni_pb2_grpc.OmniServiceServicer):
             # The client went away or its deadline passed: stop the denoising at the next step.
             cancelled.set()
             raise
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        cancelled = threading.Event()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[pb.GenerateEvent] = asyncio.Queue()
+
+        def tell(event: ProgressEvent) -> None:  # on the engine's threads
+            loop.call_soon_threadsafe(events.put_nowait, convert.progress_event_to_pb(event))
+
+        progress = Progress(tell, preview_every=request.preview_every_steps)
+
+        def work() -> pb.GenerateResponse:
+            plain = convert.generate_request_from_pb(request.request)
+            result = self._engine.generate(plain, cancelled=cancelled.is_set, deadline=deadline, progress=progress)
+            return convert.generate_response_to_pb(result)
+
+        call = asyncio.ensure_future(self._call(work, context, request))
+        try:
+            while not call.done():
+                next_event = asyncio.ensure_future(events.get())
+                await asyncio.wait({next_event, call}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield next_event.result()
+                else:
+                    next_event.cancel()
+            # Every event was queued before the reply was made: they go first, then the reply.
+            while not events.empty():
+                yield events.get_nowait()
+            yield pb.GenerateEvent(result=await call)
+        finally:
+            # The client went away, its deadline passed, or the stream ended: stop the denoising at the next step.
+            cancelled.set()
+            if not call.done():
+                call.cancel()
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: Context) -> pb.LoadAdapterResponse:
         def work() -> pb.LoadAdapterResponse:

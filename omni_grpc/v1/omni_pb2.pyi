@@ -165,6 +165,173 @@ true_cfg_scale, on when > 1 and a negative prompt is given); every scale in one 
 Global___GuidanceKind: _TypeAlias = GuidanceKind  # noqa: Y015
 
 @_typing.final
+class GenerateStreamRequest(_message.Message):
+    """GenerateStreamRequest is a GenerateRequest, streamed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    PREVIEW_EVERY_STEPS_FIELD_NUMBER: _builtins.int
+    preview_every_steps: _builtins.int
+    """A preview of each image every this many steps (0: none): small pictures at latent resolution."""
+    @_builtins.property
+    def request(self) -> Global___GenerateRequest: ...
+    def __init__(
+        self,
+        *,
+        request: Global___GenerateRequest | None = ...,
+        preview_every_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["preview_every_steps", b"preview_every_steps", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateStreamRequest: _TypeAlias = GenerateStreamRequest  # noqa: Y015
+
+@_typing.final
+class GenerateEvent(_message.Message):
+    """GenerateEvent is one step of a streamed generation; the last one is the result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUED_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    PREVIEW_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queued(self) -> Global___QueuedEvent: ...
+    @_builtins.property
+    def started(self) -> Global___StartedEvent: ...
+    @_builtins.property
+    def step(self) -> Global___StepEvent: ...
+    @_builtins.property
+    def preview(self) -> Global___PreviewEvent: ...
+    @_builtins.property
+    def result(self) -> Global___GenerateResponse: ...
+    def __init__(
+        self,
+        *,
+        queued: Global___QueuedEvent | None = ...,
+        started: Global___StartedEvent | None = ...,
+        step: Global___StepEvent | None = ...,
+        preview: Global___PreviewEvent | None = ...,
+        result: Global___GenerateResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "preview", b"preview", "queued", b"queued", "result", b"result", "started", b"started", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "preview", b"preview", "queued", b"queued", "result", b"result", "started", b"started", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "step", "preview", "result"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___GenerateEvent: _TypeAlias = GenerateEvent  # noqa: Y015
+
+@_typing.final
+class QueuedEvent(_message.Message):
+    """QueuedEvent is the request's place in the queue, sent when it queues and each time it moves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Requests ahead of this one (0: next)."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueuedEvent: _TypeAlias = QueuedEvent  # noqa: Y015
+
+@_typing.final
+class StartedEvent(_message.Message):
+    """StartedEvent says the request's denoising batch began."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    batch_size: _builtins.int
+    """Images in the batch (its batch mates' included)."""
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AppliedAdapter]: ...
+    def __init__(
+        self,
+        *,
+        batch_size: _builtins.int = ...,
+        adapters: _abc.Iterable[Global___AppliedAdapter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "batch_size", b"batch_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartedEvent: _TypeAlias = StartedEvent  # noqa: Y015
+
+@_typing.final
+class StepEvent(_message.Message):
+    """StepEvent follows each denoising step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    TOTAL_STEPS_FIELD_NUMBER: _builtins.int
+    ELAPSED_MS_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    total_steps: _builtins.int
+    elapsed_ms: _builtins.float
+    """Since the batch's denoising began."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        total_steps: _builtins.int = ...,
+        elapsed_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_ms", b"elapsed_ms", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepEvent: _TypeAlias = StepEvent  # noqa: Y015
+
+@_typing.final
+class PreviewEvent(_message.Message):
+    """PreviewEvent shows the request's own images mid-way (a video's first frame), as PNG."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        images: _abc.Iterable[Global___Image] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewEvent: _TypeAlias = PreviewEvent  # noqa: Y015
+
+@_typing.final
 class SamplingParams(_message.Message):
     """SamplingParams control the denoising. Every field is optional: unset means the model's default."""
 

@@ -60,6 +60,11 @@ class OmniServiceStub:
                 request_serializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/omni_grpc.v1.OmniService/GenerateStream',
+                request_serializer=omni__grpc_dot_v1_dot_omni__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=omni__grpc_dot_v1_dot_omni__pb2.GenerateEvent.FromString,
+                _registered_method=True)
 
 
 class OmniServiceServicer:
@@ -102,6 +107,17 @@ class OmniServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request, context):
+        """GenerateStream runs one request like Generate and tells its progress as it goes: its place in the queue,
+        its batch starting, each denoising step, previews when asked, and last the very GenerateResponse that
+        Generate gives. Closing the stream (or its deadline) stops the work at the next step.
+        (Its events are named for what they are, as the contract asks, not "GenerateStreamResponse".)
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OmniServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +145,11 @@ def add_OmniServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoRequest.FromString,
                     response_serializer=omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=omni__grpc_dot_v1_dot_omni__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=omni__grpc_dot_v1_dot_omni__pb2.GenerateEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +288,33 @@ class OmniService:
             '/omni_grpc.v1.OmniService/GetServerInfo',
             omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoRequest.SerializeToString,
             omni__grpc_dot_v1_dot_omni__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/omni_grpc.v1.OmniService/GenerateStream',
+            omni__grpc_dot_v1_dot_omni__pb2.GenerateStreamRequest.SerializeToString,
+            omni__grpc_dot_v1_dot_omni__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

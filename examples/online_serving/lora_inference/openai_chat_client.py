@@ -7,6 +7,9 @@
 Several adapters at once, each with its own scale: repeat `--lora NAME_OR_PATH[:SCALE]`, e.g.
 `--lora /loras/style:0.8 --lora ink` (a path has a slash; otherwise it names a loaded adapter).
 
+`--stream` streams the generation (server-sent chat chunks) and shows its progress: the place in the queue,
+then a bar of the denoising steps.
+
 The adapter path is on the SERVER machine. The adapter and generation fields travel in `extra_body`,
 in vLLM-Omni's flat shape (`lora` or `loras` + `height`, `width`, ...), which the gateway accepts as well as
 the guide's `lora_request` + `sampling_params`.
@@ -18,8 +21,10 @@ import argparse
 import base64
 import sys
 from pathlib import Path
+from typing import Any
 
 import openai
+from tqdm import tqdm
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--output", type=Path, default=Path("output.png"))
+    parser.add_argument("--stream", action="store_true", help="stream it, with a progress bar on stderr")
     return parser.parse_args(argv)
 
 
@@ -91,25 +97,48 @@ def main(argv: list[str] | None = None) -> int:
     client = openai.OpenAI(base_url=f"{args.server.rstrip('/')}/v1", api_key="unused", max_retries=0)
     try:
         model = args.model or client.models.list().data[0].id
-        response = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": args.prompt}],
-            extra_body=request_fields(args),
-        )
+        messages: list[Any] = [{"role": "user", "content": args.prompt}]
+        if args.stream:
+            parts, omni = streamed(client, model, messages, request_fields(args))
+        else:
+            response = client.chat.completions.create(model=model, messages=messages, extra_body=request_fields(args))
+            parts, omni = response.choices[0].message.content, (response.model_extra or {}).get("omni", {})
     except openai.APIStatusError as exc:
         print(f"error {exc.status_code}: {exc.message}", file=sys.stderr)
         return 1
     except openai.APIConnectionError as exc:
         print(f"cannot reach the gateway at {args.server}: {exc}", file=sys.stderr)
         return 1
-    parts = response.choices[0].message.content
-    url = parts[0]["image_url"]["url"]  # type: ignore[index]
+    url = parts[0]["image_url"]["url"]
     args.output.write_bytes(base64.b64decode(url.split(",", 1)[1]))
-    adapters = (response.model_extra or {}).get("omni", {}).get("adapters") or []
+    adapters = omni.get("adapters") or []
     applied = ", ".join(f"{a['name']} at scale {a['scale']:g}" for a in adapters)
     used = f"adapter{'s' if len(adapters) > 1 else ''} {applied}" if adapters else "no adapter"
     print(f"wrote {args.output} ({model}, {used})")
     return 0
+
+
+def streamed(
+    client: openai.OpenAI, model: str, messages: list[Any], fields: dict[str, object]
+) -> tuple[Any, dict[str, Any]]:
+    """The streamed chat: a progress bar from the chunks' `omni` events; the last chunk's images and `omni`."""
+    bar = tqdm(desc="queued", unit="step", file=sys.stderr)
+    try:
+        for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, extra_body=fields):
+            omni = (chunk.model_extra or {}).get("omni", {})
+            event = omni.get("event")
+            if event == "queued":
+                bar.set_description(f"queued, {omni['position']} ahead")
+            elif event == "started":
+                bar.set_description(f"denoising (batch of {omni['batch_size']})")
+            elif event == "step":
+                bar.total = omni["total_steps"]
+                bar.update(omni["step"] - bar.n)
+            elif chunk.choices and chunk.choices[0].finish_reason == "stop":
+                return chunk.choices[0].delta.content, omni
+    finally:
+        bar.close()
+    raise RuntimeError("the gateway ended the stream without the images")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,12 @@ class ChatCompletionRequest(GenerationFields):
     )
     messages: list[ChatMessage] = Field(min_length=1)
     # OpenAI chat fields that mean nothing for an image: accepted so that standard clients work.
-    stream: bool | None = Field(None, description="Must be false: images are returned whole.")
+    stream: bool | None = Field(
+        None, description="Answer chat.completion.chunk events: progress in `omni`, the images in the last one."
+    )
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="With stream: up to this many previews in the chunks' `omni` (an extension)."
+    )
     n: int | None = Field(None, description="Must be 1; ask for more images with num_outputs_per_prompt.")
     temperature: float | None = None
     top_p: float | None = None

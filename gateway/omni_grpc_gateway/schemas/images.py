@@ -17,6 +17,10 @@ class ImageGenerationRequest(GenerationFields):
     )
     n: Uint32 | None = Field(None, description="Number of images (default 1).")
     response_format: Literal["b64_json"] | None = Field(None, description="Only b64_json: images come inline.")
+    stream: bool | None = Field(None, description="Answer server-sent events: partial images, then the images.")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="With stream: up to this many previews (small, at latent resolution) first."
+    )
     # OpenAI fields with no meaning for these models: accepted and ignored.
     quality: str | None = None
     style: str | None = None

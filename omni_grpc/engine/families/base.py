@@ -87,6 +87,8 @@ class Family:
     output: ClassVar[OutputKind] = OutputKind.IMAGE
     negative_prompt: ClassVar[bool] = True
     frames: ClassVar[FrameRule | None] = None
+    # The VAE decodes videos (B x C x F x h x w), pictures being one-frame videos (Wan, Qwen-Image).
+    vae_takes_frames: ClassVar[bool] = False
 
     def guidance_kind(self, pipe: Any) -> GuidanceKind:
         return GuidanceKind.CFG
@@ -136,6 +138,29 @@ class Family:
         as zeros, which it can only do for a whole batch)."""
         return (request.height, request.width, request.steps, request.guidance_scale > 1, bool(request.negative_prompt))
 
+    def latent_grid(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The denoiser's latents as B x C x h x w pictures (a video's: its first latent frame)."""
+        return latents[:, :, 0] if latents.ndim == 5 else latents
+
+    def decode_latent_grid(self, pipe: Any, grid: torch.Tensor) -> torch.Tensor:
+        """What the VAE makes of latent pictures (B x C x h x w, as the denoiser sees them): B x 3 x H x W in
+        [-1, 1]. The pipelines' own rule for the VAE's space: its mean and std where it has them (Wan,
+        Qwen-Image), else its scaling and shift factors."""
+        config = pipe.vae.config
+        mean = getattr(config, "latents_mean", None)
+        std = getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, grid.shape[1], 1, 1)
+            grid = grid * torch.tensor(std, dtype=grid.dtype, device=grid.device).view(shape)
+            grid = grid + torch.tensor(mean, dtype=grid.dtype, device=grid.device).view(shape)
+        else:
+            grid = grid / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        if self.vae_takes_frames:
+            video: torch.Tensor = pipe.vae.decode(grid[:, :, None], return_dict=False)[0]
+            return video[:, :, 0]
+        picture: torch.Tensor = pipe.vae.decode(grid, return_dict=False)[0]
+        return picture
+
     def capabilities(self, pipe: Any) -> Capabilities:
         return Capabilities(
             self.output, self.negative_prompt, self.guidance_kind(pipe), self.frames, experts=self.experts(pipe)
@@ -155,3 +180,8 @@ class PackedTransformerFamily(Family):
 
     def kohya_table(self, denoiser: nn.Module, text_encoders: Mapping[str, nn.Module]) -> KohyaTable:
         return transformer_pipeline_names(denoiser, text_encoders)
+
+    def latent_grid(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        # Tokens of 2x2 patches, unpacked by the pipeline's own method, as it does before its VAE.
+        unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # noqa: SLF001
+        return super().latent_grid(pipe, unpacked, height, width)

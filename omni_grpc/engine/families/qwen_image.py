@@ -19,6 +19,7 @@ class QwenImage(PackedTransformerFamily):
     name = "qwen-image"
     pipeline_class = "QwenImagePipeline"
     text_encoders = ("text_encoder",)
+    vae_takes_frames = True
 
     def guidance_kind(self, pipe: Any) -> GuidanceKind:
         return GuidanceKind.TRUE_CFG

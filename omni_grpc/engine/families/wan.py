@@ -24,6 +24,7 @@ class Wan(Family):
     denoisers = ("transformer", "transformer_2")
     text_encoders = ("text_encoder",)
     output = OutputKind.VIDEO
+    vae_takes_frames = True
     # 4k + 1 frames (the VAE compresses 4 frames into one latent frame, the first alone); 81 at 16 fps by default.
     frames = FrameRule(min_frames=1, step=4, max_frames=257, default_frames=81, default_fps=16)
 
