@@ -212,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     from omni_grpc_gateway.cli import add_gateway_flags
 
     add_gateway_flags(gateway)
+    cluster = sub.add_parser(
+        "cluster", help="run the service on Ray Serve: replicas of the engine behind one gRPC endpoint (extra: cluster)"
+    )
+    from omni_grpc.cluster.deploy import add_cluster_flags
+
+    add_cluster_flags(cluster)
+    add_logging_flags(cluster)
     bench = sub.add_parser("bench", help="measure throughput and adapter costs against plain diffusers")
     from omni_grpc.bench.run import add_flags
 
@@ -228,13 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     example.add_argument("path", type=Path, nargs="?", default=Path("loras/lora_adapter"))
     example.add_argument("--cache-dir", type=Path, default=None, help="where the embedded default model is cached")
     add_logging_flags(example, level="WARNING")
-    for command in (parser, serve, gateway, bench, soak, example):
+    for command in (parser, serve, gateway, cluster, bench, soak, example):
         add_version_flag(command, "omni-grpc")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "cluster":
+        # The rest are `serve` flags, for every replica: checked here, once.
+        parser.parse_args(["serve", *extra])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.log_level, args.log_format)
     if args.command == "serve":
         from omni_grpc.service.server import serve
@@ -256,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         from omni_grpc_gateway.cli import run as run_gateway
 
         return run_gateway(args)
+    if args.command == "cluster":
+        from omni_grpc.cluster.deploy import run as run_cluster
+
+        return run_cluster(args, extra)
     if args.command == "bench":
         from omni_grpc.bench.run import run
 

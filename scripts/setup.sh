@@ -11,7 +11,7 @@ fi
 stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   # constraints.txt pins every package, torch to its CPU build (see README, "GPU").
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,cluster]"
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -1,4 +1,5 @@
-"""How the project installs: the gateway alone, with only its own dependencies and the generated stubs."""
+"""How the project installs: the gateway alone, with only its own dependencies and the generated stubs; the
+single server without Ray (the cluster extra's)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,16 @@ def test_the_gateway_installs_alone_without_torch_or_the_engine(tmp_path: Path) 
         [str(venv / "bin" / "omni-grpc-gateway"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert help_text.returncode == 0 and "--grpc-target" in help_text.stdout
+
+
+def test_the_single_server_never_imports_ray() -> None:
+    """Ray is the cluster extra's: `serve` and its parser load without it, even where it is installed."""
+    check = (
+        "import sys\n"
+        "from omni_grpc.cli import build_parser\n"
+        "import omni_grpc.service.server, omni_grpc.offline\n"
+        "build_parser().parse_args(['serve'])\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

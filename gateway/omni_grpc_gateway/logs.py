@@ -33,7 +33,8 @@ def version_of(distribution: str) -> str:
         return "unknown"
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
+def configure_logging(level: str, log_format: str = "text", logger: str | None = None) -> None:
+    """The process's logging (`logger`: only that one's, where the host process owns the rest, as Ray does)."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
@@ -46,8 +47,11 @@ def configure_logging(level: str, log_format: str = "text") -> None:
         )
     else:
         handler.setFormatter(logging.Formatter(_TEXT))
-    root = logging.getLogger()
+    root = logging.getLogger(logger)
     root.handlers[:] = [handler]
     root.setLevel(level)
+    if logger is not None:
+        root.propagate = False
+        return
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.ERROR)

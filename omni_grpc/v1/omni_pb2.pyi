@@ -691,6 +691,7 @@ class GenerateResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
     VIDEOS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     num_inference_steps: _builtins.int
     """The number of denoising steps that ran."""
     guidance_scale: _builtins.float
@@ -699,6 +700,8 @@ class GenerateResponse(_message.Message):
     """Images in the denoising batch this request shared with concurrent ones (its own included)."""
     model: _builtins.str
     """The base model that served the request (GetServerInfo.model)."""
+    replica: _builtins.str
+    """On a cluster (omni-grpc cluster): the replica that served it."""
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___Image]: ...
     @_builtins.property
@@ -727,10 +730,11 @@ class GenerateResponse(_message.Message):
         model: _builtins.str = ...,
         adapters: _abc.Iterable[Global___AppliedAdapter] | None = ...,
         videos: _abc.Iterable[Global___Video] | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "batch_size", b"batch_size", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "num_inference_steps", b"num_inference_steps", "timings", b"timings", "videos", b"videos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "batch_size", b"batch_size", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "num_inference_steps", b"num_inference_steps", "replica", b"replica", "timings", b"timings", "videos", b"videos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -763,6 +767,7 @@ class Adapter(_message.Message):
     COMPONENTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     EXPERT_FIELD_NUMBER: _builtins.int
+    RESIDENCY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     name: _builtins.str
     path: _builtins.str
@@ -808,6 +813,10 @@ class Adapter(_message.Message):
     def components(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The parts of the model it adapts: "denoiser", "text_encoder", "text_encoder_2", "text_encoder_3"."""
 
+    @_builtins.property
+    def residency(self) -> _containers.RepeatedCompositeFieldContainer[Global___Residency]:
+        """On a cluster: each replica where the adapter is loaded, with its tier there."""
+
     def __init__(
         self,
         *,
@@ -832,14 +841,39 @@ class Adapter(_message.Message):
         components: _abc.Iterable[_builtins.str] | None = ...,
         version: _builtins.int = ...,
         expert: _builtins.str = ...,
+        residency: _abc.Iterable[Global___Residency] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "components", b"components", "evictions", b"evictions", "expert", b"expert", "format", b"format", "hits", b"hits", "id", b"id", "in_use", b"in_use", "load_time_ms", b"load_time_ms", "loads", b"loads", "name", b"name", "num_layers", b"num_layers", "path", b"path", "pinned", b"pinned", "promotions", b"promotions", "rank", b"rank", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_count", b"use_count", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "components", b"components", "evictions", b"evictions", "expert", b"expert", "format", b"format", "hits", b"hits", "id", b"id", "in_use", b"in_use", "load_time_ms", b"load_time_ms", "loads", b"loads", "name", b"name", "num_layers", b"num_layers", "path", b"path", "pinned", b"pinned", "promotions", b"promotions", "rank", b"rank", "residency", b"residency", "size_bytes", b"size_bytes", "target_modules", b"target_modules", "tier", b"tier", "use_count", b"use_count", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Adapter: _TypeAlias = Adapter  # noqa: Y015
+
+@_typing.final
+class Residency(_message.Message):
+    """Residency is where one replica holds an adapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    replica: _builtins.str
+    tier: Global___AdapterTier.ValueType
+    def __init__(
+        self,
+        *,
+        replica: _builtins.str = ...,
+        tier: Global___AdapterTier.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica", b"replica", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Residency: _TypeAlias = Residency  # noqa: Y015
 
 @_typing.final
 class LoadAdapterRequest(_message.Message):
@@ -1045,6 +1079,7 @@ class GetServerInfoResponse(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The base model's name for clients: --served-model-name, else the hub id or the model folder's name (never
     its path), or "omni-grpc/tiny-sd3" for the embedded default.
@@ -1066,6 +1101,10 @@ class GetServerInfoResponse(_message.Message):
     def capabilities(self) -> Global___Capabilities:
         """What the model can do."""
 
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """On a cluster: its replicas."""
+
     def __init__(
         self,
         *,
@@ -1079,10 +1118,11 @@ class GetServerInfoResponse(_message.Message):
         started_at: _builtins.int = ...,
         version: _builtins.str = ...,
         capabilities: Global___Capabilities | None = ...,
+        replicas: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_width", b"default_width", "family", b"family", "model", b"model", "spatial_multiple", b"spatial_multiple", "started_at", b"started_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "default_guidance_scale", b"default_guidance_scale", "default_height", b"default_height", "default_num_inference_steps", b"default_num_inference_steps", "default_width", b"default_width", "family", b"family", "model", b"model", "replicas", b"replicas", "spatial_multiple", b"spatial_multiple", "started_at", b"started_at", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
