@@ -67,6 +67,11 @@ def cluster(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         str(loras),
         "--metrics-port",
         "0",
+        # Small bounds, so that Serve's backpressure shows: 4 calls at once per replica, 2 waiting.
+        "--max-ongoing-requests",
+        "4",
+        "--max-queued-requests",
+        "2",
     ]
     proc = spawn_omni(command, log_path=logs / "cluster.log")
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -193,26 +198,55 @@ def test_cancelling_a_call_stops_the_work_on_its_replica(cluster: Cluster) -> No
     assert line is not None and "steps_done=600" not in line
 
 
-def test_a_killed_replica_fails_only_its_calls_and_is_replaced(cluster: Cluster) -> None:
-    adapter = write_adapter(cluster.loras / "survivor", seed=8)
-    assert cluster.stub.Generate(request(1, adapter), timeout=120).replica
-    sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=300, seed=2)
-    calls = [
-        cluster.stub.Generate.future(pb.GenerateRequest(prompt=f"busy {i}", sampling_params=sampling), timeout=180)
-        for i in range(8)
-    ]
-    time.sleep(1.0)  # let them start (no timing is asserted: every outcome below is allowed its time)
-    victim = replica_pids()[0]
-    os.kill(victim, signal.SIGKILL)
+def test_a_deadline_stops_the_work_on_its_replica(cluster: Cluster) -> None:
+    sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=700, seed=1)
+    with pytest.raises(grpc.RpcError) as late:
+        cluster.stub.Generate(pb.GenerateRequest(prompt="too late", sampling_params=sampling), timeout=3)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    line = eventually(
+        lambda: next((x for x in cluster.replica_log_lines() if "steps=700 " in x and "outcome=" in x), None), 60
+    )
+    assert line is not None and "steps_done=700" not in line
+
+
+def outcomes_of(calls: list[grpc.Future]) -> list[tuple[str, str]]:
+    """Each call's status name and details, once it ended (every call is allowed its time)."""
     outcomes = []
     for call in calls:
         try:
             call.result(timeout=180)
-            outcomes.append("OK")
+            outcomes.append(("OK", ""))
         except grpc.RpcError as exc:
-            outcomes.append(exc.code().name)
-    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, outcomes
-    assert "UNAVAILABLE" in outcomes and "OK" in outcomes, outcomes
+            outcomes.append((exc.code().name, exc.details() or ""))
+    return outcomes
+
+
+def test_serves_backpressure_is_resource_exhausted(cluster: Cluster) -> None:
+    sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=150, seed=3)
+    calls = [
+        cluster.stub.Generate.future(pb.GenerateRequest(prompt=f"flood {i}", sampling_params=sampling), timeout=180)
+        for i in range(20)
+    ]
+    outcomes = outcomes_of(calls)
+    assert {code for code, _ in outcomes} == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+    assert all("at capacity" in details for code, details in outcomes if code == "RESOURCE_EXHAUSTED")
+
+
+def test_a_killed_replica_fails_only_its_calls_and_is_replaced(cluster: Cluster) -> None:
+    adapter = write_adapter(cluster.loras / "survivor", seed=8)
+    assert cluster.stub.Generate(request(1, adapter), timeout=120).replica
+    sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=300, seed=2)
+    calls = []
+    for i in range(4):  # well within the replicas' bounds (4 each, 2 waiting): no backpressure here
+        calls.append(
+            cluster.stub.Generate.future(pb.GenerateRequest(prompt=f"busy {i}", sampling_params=sampling), timeout=180)
+        )
+        time.sleep(0.3)  # paced, so that each is routed before the next (no timing is asserted)
+    time.sleep(1.0)  # let them start
+    victim = replica_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    codes = {code for code, _ in outcomes_of(calls)}
+    assert codes == {"OK", "UNAVAILABLE"}, codes
     # The adapter it may have held is served elsewhere (UNAVAILABLE is retriable: a client retries once), and
     # Serve brings the cluster back to two replicas.
     try:

@@ -35,6 +35,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about a minute)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="where to write json, md, png")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where the benchmark models are cached")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead: a Zipf trace over many adapters on local Ray Serve clusters (the cluster extra)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     profile = PROFILES["quick" if args.quick else "full"]
     cache = args.cache_dir or Path(os.environ.get("OMNI_GRPC_CACHE", Path.home() / ".cache" / "omni-grpc"))
+    if args.cluster:
+        from omni_grpc.bench.cluster import run_cluster_bench
+
+        return run_cluster_bench(args, cache)
     started = time.perf_counter()
     models = bench_models(cache)
     rows: list[measure.Row] = []

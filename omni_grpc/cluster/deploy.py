@@ -13,7 +13,10 @@ from typing import Any, cast
 log = logging.getLogger(__name__)
 APP_NAME = "omni"
 SERVICER = "omni_grpc.v1.omni_pb2_grpc.add_OmniServiceServicer_to_server"
-ROUTER = "omni_grpc.cluster.router.AdapterAffinityRouter"
+ROUTERS = {
+    "affinity": "omni_grpc.cluster.router.AdapterAffinityRouter",
+    "power-of-two": "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter",
+}
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -31,16 +34,26 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
         "--max-queued-requests", type=int, default=64, help="requests waiting for a replica; beyond: RESOURCE_EXHAUSTED"
     )
     g.add_argument("--ray-temp-dir", default=None, help="Ray's session files (a local instance only)")
+    g.add_argument(
+        "--router",
+        default="affinity",
+        choices=["affinity", "power-of-two"],
+        help="adapter affinity (default), or Serve's own power of two choices (for comparison)",
+    )
 
 
 def run(args: argparse.Namespace, serve_args: list[str]) -> int:
+    if any(arg.startswith(("--tls-cert", "--tls-key")) for arg in serve_args):
+        log.error("Serve's gRPC proxy serves no TLS: terminate TLS in front of it (a load balancer, an ingress)")
+        return 2
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, RequestRouterConfig, gRPCOptions
 
+    from omni_grpc.cli import build_parser
     from omni_grpc.cluster.ingress import OmniIngress
     from omni_grpc.cluster.registry import REGISTRY_NAME, AdapterRegistry
-    from omni_grpc.cluster.replica import OmniReplica
+    from omni_grpc.cluster.replica import replica_class
 
     init: dict[str, Any] = {"namespace": "serve", "include_dashboard": False, "log_to_driver": False}
     if args.address:
@@ -60,14 +73,15 @@ def run(args: argparse.Namespace, serve_args: list[str]) -> int:
         http_options=HTTPOptions(port=args.http_port),
     )
     deployment: Any = serve.deployment
-    replica = deployment(OmniReplica).options(
+    device_adapters = build_parser().parse_args(["serve", *serve_args]).max_device_adapters
+    replica = deployment(replica_class(device_adapters)).options(
         name="OmniReplica",
         num_replicas=args.replicas,
         ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": gpus},
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
         health_check_period_s=2,
-        request_router_config=cast(Any, RequestRouterConfig)(request_router_class=ROUTER),
+        request_router_config=cast(Any, RequestRouterConfig)(request_router_class=ROUTERS[args.router]),
     )
     ingress = deployment(OmniIngress).options(
         name="OmniIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000

@@ -104,9 +104,8 @@ class OmniReplica:
 
     # ---- Serve's multiplexing: which adapters this replica holds, as Serve routes by them ----------------
 
-    # Serve's decorator is untyped; the method it wraps is typed.
-    @serve.multiplexed(max_num_models_per_replica=64)  # type: ignore[untyped-decorator]
     async def holding(self, route: str) -> str:
+        """Replaced in `replica_class` by Serve's multiplexed LRU, sized like the engine's device tier."""
         return route
 
     async def _note_route(self) -> None:
@@ -207,3 +206,16 @@ class OmniReplica:
     def check_health(self) -> None:
         if not self.engine.ready:
             raise RuntimeError("the engine is not ready")
+
+
+def replica_class(device_adapters: int) -> type[OmniReplica]:
+    """The replica deployment's class, whose multiplexed ids (what Serve believes each replica holds) are an LRU
+    as large as the engine's device tier: Serve then routes to replicas holding an adapter on the device."""
+
+    class Replica(OmniReplica):
+        # Serve's decorator is untyped; the method it wraps is typed.
+        @serve.multiplexed(max_num_models_per_replica=device_adapters or 1024)  # type: ignore[untyped-decorator]
+        async def holding(self, route: str) -> str:
+            return route
+
+    return Replica

@@ -4,10 +4,11 @@ who holds what.
 Serve learns which replica holds a multiplexed id only once that replica has loaded it and reported back; until
 then its default router sends the next requests for the same id anywhere, and a new adapter gets loaded on
 every replica. Here the replicas are ranked, for a request with adapters: those known to hold them first, then
-every other in the order of a rendezvous hash of (id, replica), so that concurrent first requests agree on one
-replica and a replica's death moves only its own adapters. A rank whose replicas are all full (at
-max_ongoing_requests) gives way to the next: a hot adapter spills to a second replica instead of queueing on
-one. Requests without adapters go by the power of two choices.
+every other, those holding the fewest adapters first (the cluster's device memory fills evenly), ties broken
+by a rendezvous hash of (id, replica): concurrent first requests, which see the same state, agree on one
+replica. A rank whose replicas are all full (at max_ongoing_requests) gives way to the next: a hot adapter
+spills to a second replica instead of queueing on one. Requests without adapters go by the power of two
+choices.
 """
 
 from __future__ import annotations
@@ -45,5 +46,6 @@ class AdapterAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         ordered = rendezvous_order(route, candidate_replicas)
         holders = [replica for replica in ordered if route in replica.multiplexed_model_ids]
         others = [replica for replica in ordered if route not in replica.multiplexed_model_ids]
+        others.sort(key=lambda replica: len(replica.multiplexed_model_ids))  # stable: the hash breaks ties
         ranks = [holders] if holders else []
         return ranks + [[replica] for replica in others]
