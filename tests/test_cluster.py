@@ -25,6 +25,8 @@ from tests.test_tiers import write_adapter
 pytest.importorskip("ray.serve", reason="the cluster extra (ray[serve]) is not installed")
 
 REPLICAS = 2
+TOKEN = "cluster-secret"
+ADMIN = (("authorization", f"Bearer {TOKEN}"),)
 
 
 class Cluster:
@@ -67,6 +69,8 @@ def cluster(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         str(loras),
         "--metrics-port",
         "0",
+        "--admin-token",
+        TOKEN,
         # Small bounds, so that Serve's backpressure shows: 4 calls at once per replica, 2 waiting.
         "--max-ongoing-requests",
         "4",
@@ -152,24 +156,34 @@ def test_requests_for_an_adapter_land_where_it_is(cluster: Cluster) -> None:
 
 def test_admin_rpcs_act_on_every_replica(cluster: Cluster) -> None:
     adapter = write_adapter(cluster.loras / "everywhere", seed=7)
-    loaded = cluster.stub.LoadAdapter(
-        pb.LoadAdapterRequest(path=str(adapter), name="everywhere", pin=True), timeout=120
-    )
+    load = pb.LoadAdapterRequest(path=str(adapter), name="everywhere", pin=True)
+    # Admin calls need the token, as on one server.
+    for call, message in (
+        (cluster.stub.LoadAdapter, load),
+        (cluster.stub.UnloadAdapter, pb.UnloadAdapterRequest(name="x")),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call(message, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and "is an admin call" in refused.value.details()
+    loaded = cluster.stub.LoadAdapter(load, timeout=120, metadata=ADMIN)
     assert loaded.adapter.name == "everywhere"
 
     def residency() -> dict[str, int]:
-        listing = cluster.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30).adapters
+        listing = cluster.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30, metadata=ADMIN).adapters
         entries = [a for a in listing if a.name == "everywhere"]
         assert len(entries) <= 1  # each adapter once, whatever the replicas
         return {r.replica: r.tier for r in entries[0].residency} if entries else {}
 
     held = eventually(lambda: len(residency()) == REPLICAS and residency())
     assert held and set(held.values()) == {pb.ADAPTER_TIER_DEVICE}
-    removed = cluster.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="everywhere"), timeout=60)
+    # Paths are for admins only.
+    anonymous = cluster.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=30).adapters
+    assert anonymous and all(a.path == "" for a in anonymous)
+    removed = cluster.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="everywhere"), timeout=60, metadata=ADMIN)
     assert removed.adapter.name == "everywhere"
     assert eventually(lambda: residency() == {})
     with pytest.raises(grpc.RpcError) as gone:
-        cluster.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="everywhere"), timeout=60)
+        cluster.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="everywhere"), timeout=60, metadata=ADMIN)
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 

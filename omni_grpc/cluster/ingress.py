@@ -7,6 +7,7 @@ own refusals become RESOURCE_EXHAUSTED (backpressure) or UNAVAILABLE (a replica 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar, cast
 
@@ -93,6 +94,9 @@ class OmniIngress:
         self, request: pb.UnloadAdapterRequest, grpc_context: RayServegRPCContext
     ) -> pb.UnloadAdapterResponse:
         """Removed from every replica (each one's running requests finish first, as on one server)."""
+        refusal = await self._replicas.admin_refusal.remote("UnloadAdapter", _metadata(grpc_context))
+        if refusal is not None:
+            return _answer(("error", "UNAUTHENTICATED", refusal, []), grpc_context, pb.UnloadAdapterResponse)
         holders = await self._adapters()
         match = next((a for a in holders if _selects(request, a)), None)
         if match is None:
@@ -110,7 +114,8 @@ class OmniIngress:
         reply = await self._call("ListAdapters", request, grpc_context)
         response = _answer(reply, grpc_context, pb.ListAdaptersResponse)
         if reply[0] == "ok":
-            show_paths = all(a.path for a in response.adapters) if response.adapters else True
+            # The server's paths are for admins only, as on one server.
+            show_paths = await self._replicas.is_admin.remote(_metadata(grpc_context))
             del response.adapters[:]
             for adapter in await self._adapters():
                 if not show_paths:
@@ -159,8 +164,6 @@ def _selects(request: pb.UnloadAdapterRequest, adapter: pb.Adapter) -> bool:
     if which == "name":
         return adapter.name == request.name
     if which == "path":
-        import os
-
         return adapter.path == os.path.realpath(request.path) and adapter.expert == request.expert
     return False
 

@@ -39,6 +39,7 @@ Metadata = Sequence[tuple[str, str | bytes]]
 # A reply: ("ok", message bytes) or ("error", code name, details, trailing metadata).
 Reply = tuple[Any, ...]
 SYNC_EVERY_S = 0.5
+ADMIN_RPCS = ("LoadAdapter", "UnloadAdapter")
 
 
 class Aborted(Exception):
@@ -91,9 +92,9 @@ class OmniReplica:
         self.engine = Engine(engine_config).start()
         cfg = engine_config
         executor = ThreadPoolExecutor(max_workers=(cfg.max_queue or 256) + cfg.max_batch_size + 16)
-        self.servicer = OmniServicer(
-            self.engine, executor, AdminToken(config.admin_token), max_request_bytes=config.max_request_bytes
-        )
+        # The single server checks the token in an interceptor; here, in `call` and for the ingress.
+        self.token = AdminToken(config.admin_token)
+        self.servicer = OmniServicer(self.engine, executor, self.token, max_request_bytes=config.max_request_bytes)
         context = serve.get_replica_context()
         self.name = context.replica_id.unique_id
         # Ray types an actor's methods loosely: the registry is used as what it is, untyped.
@@ -151,6 +152,9 @@ class OmniReplica:
             "ListAdapters": pb.ListAdaptersRequest,
             "GetServerInfo": pb.GetServerInfoRequest,
         }
+        refusal = self.admin_refusal(method, metadata) if method in ADMIN_RPCS else None
+        if refusal is not None:
+            return ("error", grpc.StatusCode.UNAUTHENTICATED.name, refusal, [])
         request = kinds[method].FromString(payload)
         context = RelayedContext(metadata, None)
         try:
@@ -160,6 +164,13 @@ class OmniReplica:
         finally:
             context.finish()
         return ("ok", response.SerializeToString(), self.name)
+
+    def admin_refusal(self, method: str, metadata: Metadata) -> str | None:
+        """Why this admin call is refused (the single server's words), or None."""
+        return self.token.refusal(method, metadata)
+
+    def is_admin(self, metadata: Metadata) -> bool:
+        return self.token.is_admin(metadata)
 
     # ---- keeping in step with the registry -----------------------------------------------------------------
 

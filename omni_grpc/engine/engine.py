@@ -270,10 +270,10 @@ class Engine:
 
     def state(self) -> EngineState:
         """Requests running and waiting, and the adapters they hold; adapters per tier and their moves."""
-        with self._outstanding_lock:
-            active = [a for a in self._active.values() if a.item is not None]
+        with self._outstanding_lock:  # only admissions with a queued item are in _active
+            active = list(self._active.values())
         running = [a for a in active if a.item is not None and a.item.started]
-        waiting = [a for a in active if a.item is not None and not a.item.started]
+        waiting = [a for a in active if a not in running]
         ready = self.ready
         return EngineState(
             running=len(running),

@@ -40,6 +40,16 @@ class AdminToken:
         given = self.given(metadata)
         return isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected)
 
+    def refusal(self, rpc: str, metadata: Metadata | None) -> str | None:
+        """Why an admin call `rpc` with this metadata is refused (UNAUTHENTICATED), or None: it may go on."""
+        if self.is_admin(metadata):
+            return None
+        given = self.given(metadata)
+        log.warning("admin call refused: %s %s", rpc, "no token" if given is None else "wrong token")
+        if given is None:
+            return f"{rpc} is an admin call: send the metadata 'authorization: Bearer <admin token>'"
+        return f"{rpc}: the admin token is not valid"
+
 
 class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: AdminToken, methods: Iterable[str]) -> None:
@@ -52,17 +62,10 @@ class AdminTokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
-        metadata = handler_call_details.invocation_metadata
-        if method not in self._methods or self._token.is_admin(metadata):
-            return await continuation(handler_call_details)
-        rpc = method.rsplit("/", 1)[-1]
-        given = self._token.given(metadata)
-        if given is None:
-            message = f"{rpc} is an admin call: send the metadata 'authorization: Bearer <admin token>'"
-        else:
-            message = f"{rpc}: the admin token is not valid"
-        log.warning("admin call refused: %s %s", rpc, "no token" if given is None else "wrong token")
-        return _refuse(message)
+        refusal = None
+        if method in self._methods:
+            refusal = self._token.refusal(method.rsplit("/", 1)[-1], handler_call_details.invocation_metadata)
+        return await continuation(handler_call_details) if refusal is None else _refuse(refusal)
 
 
 def _refuse(message: str) -> grpc.RpcMethodHandler[bytes, None]:
