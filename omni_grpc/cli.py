@@ -9,9 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from omni_grpc_gateway.logs import add_logging_flags, add_version_flag, configure_logging
-
 from omni_grpc.config import EngineConfig, Limits, ServerConfig
+from omni_grpc.shared.logs import add_logging_flags, add_version_flag, configure_logging
 
 ADMIN_TOKEN_ENV = "OMNI_GRPC_ADMIN_TOKEN"
 

@@ -80,6 +80,30 @@ def wait_serving(
         time.sleep(0.1)
 
 
+def wait_replicas(
+    channel: grpc.Channel, at_least: int, *, timeout: float = 600, alive: Callable[[], bool] | None = None
+) -> int:
+    """Poll a cluster's GetServerInfo until at least `at_least` replicas answer; how many do. RuntimeError after
+    `timeout` seconds, or once `alive()` says False."""
+    from omni_grpc.v1 import omni_pb2 as pb
+    from omni_grpc.v1 import omni_pb2_grpc
+
+    stub = omni_pb2_grpc.OmniServiceStub(channel)
+    end = time.monotonic() + timeout
+    while True:
+        if alive is not None and not alive():
+            raise RuntimeError("the cluster exited before it was ready")
+        try:
+            count = len(stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5).replicas)
+            if count >= at_least:
+                return count
+        except grpc.RpcError:
+            pass
+        if time.monotonic() > end:
+            raise RuntimeError(f"the cluster had fewer than {at_least} replicas after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
     """SIGTERM, then SIGKILL after `timeout` seconds; the exit code (negative: killed by a signal)."""
     if proc.poll() is None:

@@ -22,9 +22,11 @@ import httpx
 import numpy as np
 import pytest
 
+from omni_grpc.bench.fixtures import write_adapter as write_bench_adapter
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import GenerateRequest, GenerateResult, LoraRequest
 from omni_grpc.loopback import CHECKOUT, free_port, health_status, spawn_omni, stop_process, wait_serving
+from omni_grpc.tiny_models.sd3 import TinySD3Spec
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
 
@@ -306,6 +308,16 @@ def request_lines(log: str, since: int, needle: str) -> list[str]:
 def log_field(line: str, name: str) -> str:
     """The value of `name=` in a log line."""
     return next(part.split("=", 1)[1] for part in line.split() if part.startswith(f"{name}="))
+
+
+# ---- adapters -----------------------------------------------------------------------------------------------
+
+
+def write_adapter(folder: Path, seed: int, rank: int = 2) -> Path:
+    """A small PEFT-format adapter for the default model (to_q and to_v of every block)."""
+    return write_bench_adapter(
+        folder, TinySD3Spec(), rank=rank, seed=seed, magnitude=0.3, targets=("to_q", "to_v"), alpha=rank
+    )
 
 
 # ---- the engine, directly -----------------------------------------------------------------------------------

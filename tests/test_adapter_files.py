@@ -244,7 +244,7 @@ def test_integer_weights_are_refused(tmp_path: Path) -> None:
 
 
 def test_too_many_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(safetensors_reader, "MAX_TENSORS", 1)
+    monkeypatch.setattr(adapter_files, "MAX_TENSORS", 1)  # what a reader without a model allows
     message = refused(peft_with_weights(tmp_path / "a", safetensors_bytes(good_header())))
     assert "adapter_model.safetensors declares 2 tensors; the limit is 1" in message
 

@@ -41,7 +41,7 @@ def fresh(model_dir: Path, adapter_root: Path, request: pytest.FixtureRequest) -
 
 
 def test_relative_trailing_slash_and_absolute_paths_are_one_adapter(server: Server, fresh: Path) -> None:
-    # The server's working directory is the adapter root (see conftest).
+    # Relative paths resolve against the --lora-dirs roots in turn; the first is the adapter root (see conftest).
     rel = fresh.name
     first = load(server, f"./{rel}")
     second = load(server, f"{rel}/")

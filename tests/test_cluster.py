@@ -1,40 +1,55 @@
-"""`omni-grpc cluster` on a real local Ray cluster (two CPU replicas of the tiny model): the same contract through
-Serve's gRPC proxy, with the same bytes as one server; errors with their status; admin RPCs cluster-wide;
-requests for an adapter landing on the replica that holds it."""
+"""`omni-grpc cluster` on a real local Ray cluster (CPU replicas of the tiny model, autoscaled from one to two):
+the same contract through Serve's gRPC proxy, with the same bytes as one server; errors with their status;
+admin RPCs cluster-wide; requests for an adapter landing on the replica that holds it, and spilling when it is
+full; deadlines, cancellation, backpressure and a killed replica."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import psutil
 import pytest
 
-from omni_grpc.loopback import free_port, spawn_omni, stop_process
+from omni_grpc.loopback import free_port, spawn_omni, stop_process, wait_replicas
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
-from tests.helpers import InProcessServer, field_violation
-from tests.test_tiers import write_adapter
+from tests.helpers import InProcessServer, field_violation, write_adapter
 
 pytest.importorskip("ray.serve", reason="the cluster extra (ray[serve]) is not installed")
 
 REPLICAS = 2
+T = TypeVar("T")
 TOKEN = "cluster-secret"
 ADMIN = (("authorization", f"Bearer {TOKEN}"),)
 
 
 class Cluster:
-    def __init__(self, stub: omni_pb2_grpc.OmniServiceStub, loras: Path, log: Path, ray_dir: Path) -> None:
+    def __init__(
+        self,
+        stub: omni_pb2_grpc.OmniServiceStub,
+        port: int,
+        loras: Path,
+        log: Path,
+        ray_dir: Path,
+        scaled: tuple[int, int],
+    ) -> None:
         self.stub = stub
+        self.port = port
         self.loras = loras
         self.log = log
         self.ray_dir = ray_dir
+        # The replicas the cluster started with, and had once the autoscaler saw load.
+        self.scaled = scaled
 
     def replica_log_lines(self) -> list[str]:
         """The replicas' log lines (their stderr, which Ray keeps with the session's logs)."""
@@ -53,8 +68,6 @@ def cluster(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     port = free_port()
     command = [
         "cluster",
-        "--replicas",
-        str(REPLICAS),
         "--port",
         str(port),
         "--http-port",
@@ -71,6 +84,17 @@ def cluster(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "0",
         "--admin-token",
         TOKEN,
+        # Autoscaling from one replica to two, at once under load (the tests then run on two).
+        "--min-replicas",
+        "1",
+        "--max-replicas",
+        str(REPLICAS),
+        "--target-ongoing-requests",
+        "1",
+        "--upscale-delay-s",
+        "0",
+        "--autoscale-window-s",
+        "2",
         # Small bounds, so that Serve's backpressure shows: 4 calls at once per replica, 2 waiting.
         "--max-ongoing-requests",
         "4",
@@ -81,21 +105,39 @@ def cluster(cache_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = omni_pb2_grpc.OmniServiceStub(channel)
     try:
-        end = time.monotonic() + 400
-        while True:
-            assert proc.poll() is None, (logs / "cluster.log").read_text()
-            try:
-                if len(stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5).replicas) == REPLICAS:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < end, "the cluster did not come up:\n" + (logs / "cluster.log").read_text()
-            time.sleep(1)
-        yield Cluster(stub, loras, logs / "cluster.log", Path(ray_dir))
+        alive = lambda: proc.poll() is None  # noqa: E731
+        try:
+            at_start = wait_replicas(channel, 1, timeout=400, alive=alive)
+            scaled = replicas_under_load(channel, alive)
+        except RuntimeError as exc:
+            pytest.fail(f"{exc}:\n{(logs / 'cluster.log').read_text()}")
+        yield Cluster(stub, port, loras, logs / "cluster.log", Path(ray_dir), (at_start, scaled))
     finally:
         channel.close()
         stop_process(proc, timeout=120)
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def replicas_under_load(channel: grpc.Channel, alive: Callable[[], bool]) -> int:
+    """Keep the cluster busy (four long calls at a time) until the autoscaler has added the second replica."""
+    stub = omni_pb2_grpc.OmniServiceStub(channel)
+    stop = threading.Event()
+    sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=200, seed=1)
+
+    def busy() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(grpc.RpcError):  # backpressure, while one replica takes it all
+                stub.Generate(pb.GenerateRequest(prompt="load", sampling_params=sampling), timeout=120)
+
+    workers = [threading.Thread(target=busy) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        return wait_replicas(channel, REPLICAS, timeout=400, alive=alive)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(180)
 
 
 def request(seed: int, adapter: Path | None = None, side: int = 32) -> pb.GenerateRequest:
@@ -104,7 +146,7 @@ def request(seed: int, adapter: Path | None = None, side: int = 32) -> pb.Genera
     return pb.GenerateRequest(prompt="a lighthouse", sampling_params=sampling, lora_request=lora)
 
 
-def eventually(check, timeout: float = 30.0):  # type: ignore[no-untyped-def]
+def eventually(check: Callable[[], T], timeout: float = 30.0) -> T:
     """Replicas apply the registry's changes within a second: wait for it, boundedly."""
     end = time.monotonic() + timeout
     while True:
@@ -131,6 +173,12 @@ def test_the_cluster_names_its_replicas_and_serves_one_servers_bytes(
     assert [e.WhichOneof("event") for e in streamed][:2] == ["queued", "started"]
 
 
+def test_the_autoscaler_adds_a_replica_under_load(cluster: Cluster) -> None:
+    assert cluster.scaled == (1, REPLICAS)
+    info = cluster.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+    assert len(info.replicas) == REPLICAS
+
+
 def test_errors_keep_their_status_and_field(cluster: Cluster) -> None:
     bad = pb.GenerateRequest(prompt="x", sampling_params=pb.SamplingParams(num_inference_steps=100_000))
     with pytest.raises(grpc.RpcError) as refused:
@@ -149,9 +197,38 @@ def test_requests_for_an_adapter_land_where_it_is(cluster: Cluster) -> None:
     adapter = write_adapter(cluster.loras / "sticky", seed=6)
     served = {cluster.stub.Generate(request(seed, adapter), timeout=120).replica for seed in range(6)}
     assert len(served) == 1
+    # Concurrent first requests for a new adapter agree on one replica (they see the same state: no holder yet),
+    # instead of loading it on every replica. Two at a time (Serve queues two): three new adapters.
+    for i in range(3):
+        fresh = write_adapter(cluster.loras / f"fresh{i}", seed=20 + i)
+        calls = [cluster.stub.Generate.future(request(seed, fresh), timeout=120) for seed in range(2)]
+        assert len({call.result().replica for call in calls}) == 1
     # Without adapters, requests spread over the replicas.
     spread = {cluster.stub.Generate(request(seed), timeout=120).replica for seed in range(16)}
     assert len(spread) == REPLICAS
+
+
+def test_a_second_cluster_on_a_port_in_use_exits_with_an_error(cluster: Cluster, tmp_path: Path) -> None:
+    # Serve's proxies would share the port (SO_REUSEPORT) and take half its connections: refused up front.
+    log = tmp_path / "second.log"
+    second = spawn_omni(["cluster", "--port", str(cluster.port), "--http-port", str(free_port())], log_path=log)
+    assert second.wait(120) == 1
+    assert f"cannot listen on port {cluster.port} (--port" in log.read_text()
+    assert cluster.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30).replicas  # the first one serves on
+
+
+def test_a_hot_adapter_spills_to_a_second_replica(cluster: Cluster) -> None:
+    adapter = write_adapter(cluster.loras / "hot", seed=9)
+    home = cluster.stub.Generate(request(1, adapter), timeout=120).replica
+    # Six long calls at once: its replica takes four (--max-ongoing-requests), the next in line the rest.
+    sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=150, seed=2)
+    hot = pb.GenerateRequest(prompt="hot", sampling_params=sampling, lora_request=pb.LoraRequest(path=str(adapter)))
+    calls = []
+    for _ in range(6):
+        calls.append(cluster.stub.Generate.future(hot, timeout=180))
+        time.sleep(0.3)  # paced, so that each is routed before the next: none waits in Serve's queue (2 at most)
+    served = [call.result().replica for call in calls]
+    assert home in served and len(set(served)) == REPLICAS, served
 
 
 def test_admin_rpcs_act_on_every_replica(cluster: Cluster) -> None:
@@ -209,10 +286,11 @@ def test_cancelling_a_call_stops_the_work_on_its_replica(cluster: Cluster) -> No
     line = eventually(
         lambda: next((x for x in cluster.replica_log_lines() if "steps=600 " in x and "CANCELLED" in x), None), 60
     )
-    assert line is not None and "steps_done=600" not in line
+    mine = "\n".join(x for x in cluster.replica_log_lines() if "steps=600 " in x)
+    assert line is not None and "steps_done=600" not in line, f"this request's lines: {mine or 'none'}"
 
 
-def test_a_deadline_stops_the_work_on_its_replica(cluster: Cluster) -> None:
+def test_a_deadline_reaches_the_replica(cluster: Cluster) -> None:
     sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=700, seed=1)
     with pytest.raises(grpc.RpcError) as late:
         cluster.stub.Generate(pb.GenerateRequest(prompt="too late", sampling_params=sampling), timeout=3)
@@ -220,7 +298,8 @@ def test_a_deadline_stops_the_work_on_its_replica(cluster: Cluster) -> None:
     line = eventually(
         lambda: next((x for x in cluster.replica_log_lines() if "steps=700 " in x and "outcome=" in x), None), 60
     )
-    assert line is not None and "steps_done=700" not in line
+    # The replica knew the deadline (not only a cancellation at that moment), and stopped the work by it.
+    assert line is not None and "outcome=DEADLINE_EXCEEDED" in line and "steps_done=700" not in line
 
 
 def outcomes_of(calls: list[grpc.Future]) -> list[tuple[str, str]]:
@@ -271,3 +350,50 @@ def test_a_killed_replica_fails_only_its_calls_and_is_replaced(cluster: Cluster)
     assert again.images
     back = eventually(lambda: len(replica_pids()) == REPLICAS and victim not in replica_pids(), 300)
     assert back
+
+
+def test_the_registry_drops_unloads_every_live_replica_has_seen() -> None:
+    from omni_grpc.cluster.registry import REPORT_TTL_S, AdapterBook
+
+    book = AdapterBook()
+    b = {"path": "/l/b", "name": "b", "id": 2, "pin": False, "expert": ""}
+    book.register({"path": "/l/a", "name": "a", "id": 1, "pin": False, "expert": ""})
+    loaded = book.register(b)
+    book.report("r1", [], seen=loaded, now=100.0)
+    book.report("r2", [], seen=loaded, now=100.0)
+    gone = book.unregister("/l/a", "")
+    assert book.changes_since(0) == (gone, [b], [{"path": "/l/a", "expert": ""}], False)
+    assert book.changes_since(gone) == (gone, [], [], False)  # nothing new: nothing sent
+    book.report("r1", [], seen=gone, now=100.5)
+    # r2 has not seen the unload yet: it is kept for it.
+    assert book.changes_since(loaded) == (gone, [b], [{"path": "/l/a", "expert": ""}], False)
+    book.report("r2", [], seen=gone, now=101.0)  # every live replica has seen it: dropped
+    later = book.unregister("/l/b", "")
+    assert book.changes_since(gone) == (later, [], [{"path": "/l/b", "expert": ""}], False)
+    # A replica out of touch since before the dropped unload is told so (it keeps only the admins' loads).
+    assert book.changes_since(loaded) == (later, [], [{"path": "/l/b", "expert": ""}], True)
+    # A replica that stopped reporting is no longer listed, and no longer holds unloads back.
+    book.report("r1", [], seen=later, now=101.0 + REPORT_TTL_S)
+    assert sorted(book.reports(now=101.0 + REPORT_TTL_S)) == ["r1"]
+    assert book.changes_since(gone) == (later, [], [], True)
+
+
+def test_replica_counts_and_autoscaling_bounds() -> None:
+    import argparse
+
+    from omni_grpc.cluster.deploy import add_cluster_flags, replica_count
+
+    parser = argparse.ArgumentParser()
+    add_cluster_flags(parser)
+    assert replica_count(parser.parse_args([])) == {"num_replicas": 1}
+    assert replica_count(parser.parse_args(["--replicas", "3"])) == {"num_replicas": 3}
+    scaled = replica_count(parser.parse_args(["--max-replicas", "4", "--upscale-delay-s", "5"]))["autoscaling_config"]
+    assert (scaled["min_replicas"], scaled["max_replicas"], scaled["upscale_delay_s"]) == (1, 4, 5.0)
+    for flags, message in (
+        (["--replicas", "0"], "at least 1"),
+        (["--min-replicas", "2"], "needs --max-replicas"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "1 <= --min-replicas <= --max-replicas"),
+        (["--replicas", "2", "--max-replicas", "3"], "--replicas is a fixed count"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            replica_count(parser.parse_args(flags))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,11 +86,11 @@ def _status_kib(key: str) -> int:
     raise AssertionError(f"no {key} in /proc/self/status")
 
 
-def peak_rss_growth_mib(call: object) -> float:
+def peak_rss_growth_mib(call: Callable[[], object]) -> float:
     """Peak resident memory of this process (the in-process server's too) while `call()` runs, over before."""
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
-    call()  # type: ignore[operator]
+    call()
     return (_status_kib("VmHWM") - before) / 1024
 
 
@@ -205,16 +205,32 @@ def test_headers_that_would_cost_time_or_memory_are_refused_from_their_size(
     many = {str(i): {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(65536)}
     monkeypatch.setattr(safetensors_reader, "parse_json", None)  # parsing it would fail this test
     assert "separators; the limit is 200000" in refused(write("many.safetensors", many, 4 * 65536))
-    monkeypatch.undo()
-    # Fewer separators, but more tensors than any adapter has.
+    # Fewer separators, but more tensor entries than any adapter has: counted before the parse too.
     count = safetensors_reader.MAX_TENSORS + 1
     tensors = {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(count)}
     assert f"declares {count} tensors; the limit is 8192" in refused(write("count.safetensors", tensors, 4 * count))
+    monkeypatch.undo()
     # One 7 MB name, and a header over its cap.
     key = {"k" * (7 << 20): {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
     assert "characters long; the limit is 512" in refused(write("key.safetensors", key, 4))
     big = {"k" * (9 << 20): {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
     assert "exceeds 8388608" in refused(write("header.safetensors", big, 4))
+
+
+def test_a_header_with_more_tensors_than_the_model_has_layers_for_is_refused_unparsed(
+    guarded: Server, lora_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tensor cap is sized to the model (7 per layer an adapter can adapt): on the small default model a
+    header of 2,000 well-formed entries (under the global 8,192) is refused before it is parsed."""
+    count = 2000
+    entries = {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(count)}
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    (lora_dir / "wide.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4 * count))
+    monkeypatch.setattr(safetensors_reader, "parse_json", None)  # parsing it would fail this test
+    refusal = rpc_error(generate, guarded, pb.LoraRequest(path="wide.safetensors"))
+    assert refusal.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"declares {count} tensors; the limit is" in refusal.details()
+    assert "(7 per layer of the model an adapter can adapt, at most 8192)" in refusal.details()
 
 
 # ---- ports in use ---------------------------------------------------------------------------------------------
@@ -525,6 +541,11 @@ def test_callers_without_the_token_see_no_server_paths(guarded: Server, lora_dir
     missing = rpc_error(generate, guarded, pb.LoraRequest(path="not/here"))
     assert missing.code() == grpc.StatusCode.NOT_FOUND and "'not/here'" in missing.details()
     assert str(lora_dir) not in missing.details()
+    # However the message quotes the path: cut short, or escaped by repr (newline, quotes).
+    for sent in ("a" * 195 + "/missing", "nl\nx/missing", "q'\"x/missing", "q'x/missing"):
+        refused = rpc_error(generate, guarded, pb.LoraRequest(path=sent))
+        assert refused.code() == grpc.StatusCode.NOT_FOUND, refused.details()
+        assert lora_dir.name not in refused.details(), (sent, refused.details())
     gateway = start_gateway(guarded.target, [], log_path=tmp_path / "gw.log")
     try:
         cards = {card["id"]: card for card in gateway.get("/v1/models").json()["data"]}
@@ -534,6 +555,17 @@ def test_callers_without_the_token_see_no_server_paths(guarded: Server, lora_dir
     finally:
         gateway.stop()
     guarded.stub.UnloadAdapter(pb.UnloadAdapterRequest(name="visible"), metadata=AUTH, timeout=30)
+
+
+def test_a_resolved_path_is_concealed_in_every_quoting() -> None:
+    from omni_grpc.engine.engine import conceal_path
+    from omni_grpc.quoting import shown
+
+    real, sent = "/srv/secret-root/" + "b" * 300, "b" * 300
+    for message in (f"{real}: gone", f"adapter {shown(real)} is gone", f"adapter {shown(real, limit=8)} is gone"):
+        concealed = conceal_path(message, real, sent)
+        assert "/srv" not in concealed and "secret" not in concealed, concealed
+    assert conceal_path(f"adapter {shown('/srv/r/x')} is gone", "/srv/r/x", "x") == f"adapter {shown('x')} is gone"
 
 
 def test_a_model_folder_is_served_under_its_name(model_dir: Path, tmp_path: Path) -> None:

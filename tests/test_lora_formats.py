@@ -288,7 +288,9 @@ def lycoris_modules(pipe: Any, algorithm: str) -> dict[str, Any]:
         layer = root.get_submodule(name)
         key = te_kohya_name(prefix, name) if prefix == "lora_te" else kohya_name(prefix, name)
         if algorithm == "loha":
-            modules[key] = loha_parts(layer, 4 if i % 2 else 2, 1.0 + i % 3, g, tucker=i == 9)
+            # Module 0's rank 8 x 8 is above its layer's width: its exact pair is the dense delta.
+            rank = 8 if i == 0 else 4 if i % 2 else 2
+            modules[key] = loha_parts(layer, rank, 1.0 + i % 3, g, tucker=i == 9)
         else:
             modules[key] = lokr_parts(
                 layer, 2, 1.0 + i % 3, g, factor=4 if i % 4 == 0 else -1, decompose_both=i % 5 == 1, full=i == 3
@@ -406,6 +408,23 @@ def test_bad_values_are_refused_naming_the_key(sd15: Engine, sd15_pipe: Any, tmp
     huge = one_module(sd15_pipe)
     huge[f"{name}.alpha"] = torch.tensor(1e6)
     assert "gives module" in refused(sd15, huge, tmp_path, InvalidArgument)
+
+
+def test_every_inner_rank_of_a_lycoris_module_is_capped(sd15: Engine, sd15_pipe: Any, tmp_path: Path) -> None:
+    """A LoHa's second rank and a factorised LoKr w1's inner size count against --max-lora-rank (256), like the
+    first: neither may make the server build a huge product."""
+    name = kohya_name("lora_unet", SD15_UNET[0])
+    layer = sd15_pipe.unet.get_submodule(SD15_UNET[0])
+    g = torch.Generator().manual_seed(1)
+    loha = loha_parts(layer, 2, 1.0, g)
+    loha["hada_w2_a"], loha["hada_w2_b"] = torch.zeros(32, 300), torch.zeros(300, 32)
+    message = refused(sd15, flatten({name: loha}), tmp_path, InvalidArgument)
+    assert f"tensor '{name}.hada_w2_b' has rank 300, above this server's limit of 256" in message
+    lokr = lokr_parts(layer, 2, 1.0, g, decompose_both=True)
+    a, c = lokr["lokr_w1_a"].shape[0], lokr["lokr_w1_b"].shape[1]
+    lokr["lokr_w1_a"], lokr["lokr_w1_b"] = torch.zeros(a, 300), torch.zeros(300, c)
+    message = refused(sd15, flatten({name: lokr}), tmp_path, InvalidArgument)
+    assert f"tensor '{name}.lokr_w1_b' has rank 300, above this server's limit of 256" in message
 
 
 # ---- SDXL: SGM block names, two text encoders -------------------------------------------------------------------

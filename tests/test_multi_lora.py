@@ -13,6 +13,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from openai.types.chat import ChatCompletionMessageParam
 from safetensors.torch import save_file
 
 from examples.online_serving.lora_inference import openai_chat_client
@@ -190,17 +191,23 @@ def omni_of(response: Any) -> dict[str, Any]:
     return (response.model_extra or {})["omni"]
 
 
+def error_body(error: openai.APIStatusError) -> dict[str, Any]:
+    """The gateway's error object (the client hands it over untyped)."""
+    assert isinstance(error.body, dict), error.body
+    return error.body
+
+
 def test_gateway_takes_loras_in_both_shapes(client: openai.OpenAI, style_a: Path) -> None:
-    messages = [{"role": "user", "content": PROMPT}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
     loras = [{"local_path": str(style_a), "scale": 0.7}, {"lora_name": "pre", "lora_scale": -0.4}]
     flat = client.chat.completions.create(
         model="m",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         extra_body={"loras": loras, "height": 32, "width": 32, "num_inference_steps": STEPS, "seed": 9},
     )
     nested = client.chat.completions.create(
         model="m",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         extra_body={
             "loras": [{"path": str(style_a), "scale": 0.7}, {"name": "pre", "scale": -0.4}],
             "sampling_params": {"height": 32, "width": 32, "num_inference_steps": STEPS, "seed": 9},
@@ -214,22 +221,22 @@ def test_gateway_takes_loras_in_both_shapes(client: openai.OpenAI, style_a: Path
 
 
 def test_gateway_loras_errors(client: openai.OpenAI, style_a: Path, tmp_path: Path) -> None:
-    messages = [{"role": "user", "content": PROMPT}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": PROMPT}]
 
     def error(body: dict[str, Any]) -> openai.APIStatusError:
         with pytest.raises(openai.APIStatusError) as info:
-            client.chat.completions.create(model="m", messages=messages, extra_body=body)  # type: ignore[arg-type]
+            client.chat.completions.create(model="m", messages=messages, extra_body=body)
         return info.value
 
     mixed = error({"lora": {"name": "pre"}, "loras": [{"name": "pre"}]})
-    assert mixed.status_code == 400 and mixed.body["param"] == "loras"  # type: ignore[index]
-    assert "give loras or lora, not both" in mixed.body["message"]  # type: ignore[index]
+    assert mixed.status_code == 400 and error_body(mixed)["param"] == "loras"
+    assert "give loras or lora, not both" in error_body(mixed)["message"]
     missing = error({"loras": [{"name": "pre"}, {"path": str(tmp_path / "absent")}], "num_inference_steps": 2})
-    assert missing.status_code == 404 and missing.body["param"] == "loras.1.path"  # type: ignore[index]
+    assert missing.status_code == 404 and error_body(missing)["param"] == "loras.1.path"
     twice = error({"loras": [{"path": str(style_a)}, {"path": str(style_a) + "/"}], "num_inference_steps": 2})
-    assert twice.status_code == 400 and twice.body["param"] == "loras.1"  # type: ignore[index]
+    assert twice.status_code == 400 and error_body(twice)["param"] == "loras.1"
     spelled_twice = error({"loras": [{"path": "a", "local_path": "b"}]})
-    assert spelled_twice.status_code == 400 and "has both path and local_path" in spelled_twice.body["message"]  # type: ignore[index]
+    assert spelled_twice.status_code == 400 and "has both path and local_path" in error_body(spelled_twice)["message"]
 
 
 def test_openai_client_example_takes_repeated_lora(

@@ -21,8 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from omni_grpc.loopback import free_port, health_status, wait_serving
 from omni_grpc.v1 import omni_pb2 as pb
-from tests.helpers import InProcessGateway, InProcessServer, start_gateway, start_server
-from tests.test_tiers import write_adapter
+from tests.helpers import InProcessGateway, InProcessServer, start_gateway, start_server, write_adapter
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

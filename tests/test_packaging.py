@@ -14,6 +14,7 @@ CHECK = """
 import importlib.util, sys
 import omni_grpc_gateway.app, omni_grpc_gateway.cli
 from omni_grpc.v1 import SERVICE_NAME, omni_pb2_grpc
+from omni_grpc.shared.logs import configure_logging
 omni_grpc_gateway.app.create_app()
 absent = [name for name in ("torch", "diffusers", "peft", "omni_grpc.engine", "omni_grpc.service", "gateway")
           if importlib.util.find_spec(name) is not None]
@@ -24,11 +25,13 @@ print(SERVICE_NAME)
 
 
 def test_the_gateway_installs_alone_without_torch_or_the_engine(tmp_path: Path) -> None:
-    # Only the gateway's project and the stubs it ships, copied out: it needs nothing else of the checkout.
+    # Only the gateway's project and the server's folders it ships (the stubs, the shared modules), copied out: it
+    # needs nothing else of the checkout.
     source = tmp_path / "src"
     skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
     shutil.copytree(REPO / "gateway", source / "gateway", ignore=skip)
-    shutil.copytree(REPO / "omni_grpc" / "v1", source / "omni_grpc" / "v1", ignore=skip)
+    for shipped in ("v1", "shared"):
+        shutil.copytree(REPO / "omni_grpc" / shipped, source / "omni_grpc" / shipped, ignore=skip)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from omni_grpc_gateway.logs import add_logging_flags, add_version_flag, configure_logging
+from omni_grpc.shared.logs import add_logging_flags, add_version_flag, configure_logging
 from omni_grpc_gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -32,7 +33,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            self._answer(503, "service_unavailable", "the gateway has too many open connections; retry later")
+            self._answer(503, "the gateway has too many open connections; retry later")
             return
         self._arm()
 
@@ -51,7 +52,7 @@ class GuardedH11Protocol(H11Protocol):
         self._disarm()  # the next request's clock starts with its first byte (uvicorn's keep-alive until then)
 
     def send_400_response(self, msg: str) -> None:
-        self._answer(400, "invalid_http", f"invalid HTTP request: {msg}")
+        self._answer(400, f"invalid HTTP request: {msg}", code="invalid_http")
 
     def _arm(self) -> None:
         if self._read_deadline is None and self.conn.their_state in (h11.IDLE, h11.SEND_BODY):
@@ -66,24 +67,21 @@ class GuardedH11Protocol(H11Protocol):
         self._read_deadline = None
         if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
             message = f"the request did not arrive within {self.request_read_timeout:g} s (--request-read-timeout)"
-            self._answer(408, "request_timeout", message)
+            self._answer(408, message)
 
-    def _answer(self, status: int, code: str, message: str) -> None:
-        """An OpenAI error object, then close: nothing else on this connection can be trusted."""
+    def _answer(self, status: int, message: str, *, code: str | None = None) -> None:
+        """An OpenAI error object, then close: nothing else on this connection can be trusted. Its code is the
+        status's own in the gateway's one status table (errors.py) unless a narrower one is given."""
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()  # the app is answering already: the connection just ends
             return
         body = error_body(status, message, code=code)
         head = (
-            f"HTTP/1.1 {status} {h11_reason(status)}\r\ncontent-type: application/json\r\n"
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
         )
         self.transport.write(head.encode("ascii") + body)
         self.transport.close()
-
-
-def h11_reason(status: int) -> str:
-    return {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}[status]
 
 
 def guarded_protocol(request_read_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:

@@ -1,9 +1,10 @@
 """`omni-grpc bench --cluster`: a trace of requests over many adapters with a skewed (Zipf) popularity, on a
-real local Ray Serve cluster of the embedded model, run three times: two replicas with adapter-affinity routing,
-two with Serve's plain load balancing (power of two choices), and one replica. It reports adapter reads
-(first loads and re-reads from disk) and the device-hit rate of each routing on the same trace, and the
-throughput with 1 and 2 replicas. Each replica keeps few adapters on the device (and none in host memory), so
-where a request lands decides whether its adapter must be read again."""
+real local Ray Serve cluster of the embedded model, run four times: two replicas with adapter-affinity routing,
+two with Serve's own router (the power of two choices, preferring replicas that reported the adapter), two with
+plain load balancing that ignores adapters, and one replica. It reports adapter reads (first loads and
+re-reads from disk) and the device-hit rate of each routing on the same trace, and the throughput with 1 and
+2 replicas. Each replica keeps few adapters on the device (and none in host memory), so where a request lands
+decides whether its adapter must be read again."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from omni_grpc.bench.fixtures import write_adapter
-from omni_grpc.loopback import free_port, spawn_omni, stop_process
+from omni_grpc.loopback import free_port, spawn_omni, stop_process, wait_replicas
 from omni_grpc.tiny_models.sd3 import TinySD3Spec
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
@@ -49,7 +50,7 @@ def zipf_trace(adapters: list[Path], requests: int, exponent: float = 1.1, seed:
 
 
 def run_cluster_bench(args: argparse.Namespace, cache: Path) -> int:
-    adapters_count, requests = (8, 24) if args.quick else (16, 96)
+    adapters_count, requests, device = (8, 24, 2) if args.quick else (32, 320, 4)
     with tempfile.TemporaryDirectory(prefix="omni-cluster-bench-") as tmp:
         root = Path(tmp)
         adapters = [
@@ -57,25 +58,34 @@ def run_cluster_bench(args: argparse.Namespace, cache: Path) -> int:
             for i in range(adapters_count)
         ]
         trace = zipf_trace(adapters, requests)
-        results = [
-            _run(trace, cache, root, replicas=2, router="affinity", label="2 replicas, adapter affinity"),
-            _run(trace, cache, root, replicas=2, router="power-of-two", label="2 replicas, Serve's load balancing"),
-            _run(trace, cache, root, replicas=1, router="affinity", label="1 replica"),
+        runs = [
+            (2, "affinity", "2 replicas, adapter affinity (`--router affinity`)"),
+            (2, "serve", "2 replicas, Serve's own router (`--router serve`)"),
+            (2, "load", "2 replicas, load balancing only (`--router load`)"),
+            (1, "affinity", "1 replica"),
         ]
-    print(f"trace: {requests} requests over {adapters_count} adapters (Zipf 1.1), 4 clients, 32x32, 2 steps")
+        results = [
+            _run(trace, cache, root, replicas=n, router=router, label=label, device=device) for n, router, label in runs
+        ]
+    print(
+        f"trace: {requests} requests over {adapters_count} adapters (Zipf 1.1), 4 clients, 32x32, 2 steps, "
+        f"{device} adapters on each replica's device"
+    )
     print("| cluster | adapter reads | device-hit rate | requests/s |")
     print("|---|---|---|---|")
     for r in results:
         print(f"| {r.label} | {r.reads} | {r.hit_rate:.2f} | {r.throughput:.2f} |")
-    affinity, plain, single = results
+    affinity, served, plain, single = results
     print(
-        f"reads, affinity / plain: {affinity.reads} / {plain.reads}; throughput 2 / 1 replicas: "
-        f"{affinity.throughput / single.throughput:.2f}x"
+        f"reads, affinity / Serve's router / load only: {affinity.reads} / {served.reads} / {plain.reads}; "
+        f"throughput 2 / 1 replicas: {affinity.throughput / single.throughput:.2f}x"
     )
     return 0
 
 
-def _run(trace: list[Path], cache: Path, root: Path, *, replicas: int, router: str, label: str) -> TraceResult:
+def _run(
+    trace: list[Path], cache: Path, root: Path, *, replicas: int, router: str, label: str, device: int
+) -> TraceResult:
     ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     port = free_port()
     command = [
@@ -88,7 +98,7 @@ def _run(trace: list[Path], cache: Path, root: Path, *, replicas: int, router: s
         f"--router={router}",
         f"--cache-dir={cache}",
         f"--lora-dirs={trace[0].parent}",
-        "--max-device-adapters=2",
+        f"--max-device-adapters={device}",
         "--max-host-adapters=0",
         "--metrics-port=0",
     ]
@@ -96,7 +106,7 @@ def _run(trace: list[Path], cache: Path, root: Path, *, replicas: int, router: s
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = omni_pb2_grpc.OmniServiceStub(channel)
     try:
-        _wait_up(stub, replicas, proc.poll)
+        wait_replicas(channel, replicas, alive=lambda: proc.poll() is None)
         sampling = pb.SamplingParams(height=32, width=32, num_inference_steps=2, seed=1)
 
         def one(adapter: Path) -> None:
@@ -118,17 +128,3 @@ def _run(trace: list[Path], cache: Path, root: Path, *, replicas: int, router: s
         channel.close()
         stop_process(proc, timeout=120)
         shutil.rmtree(ray_dir, ignore_errors=True)
-
-
-def _wait_up(stub: omni_pb2_grpc.OmniServiceStub, replicas: int, exited: object) -> None:
-    end = time.monotonic() + 600
-    while time.monotonic() < end:
-        if callable(exited) and exited() is not None:
-            raise RuntimeError("the cluster exited before it was up")
-        try:
-            if len(stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=5).replicas) == replicas:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("the cluster was not up after 600 s")

@@ -19,6 +19,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from omni_grpc.cluster.deadlines import time_remaining
 from omni_grpc.cluster.registry import REGISTRY_NAME
 from omni_grpc.cluster.routing import adapter_route
 from omni_grpc.v1 import omni_pb2 as pb
@@ -31,9 +32,8 @@ _FORWARDED = ("authorization",)
 
 
 class OmniIngress:
-    def __init__(self, replicas: DeploymentHandle[Any], request_timeout: float | None = None) -> None:
+    def __init__(self, replicas: DeploymentHandle[Any]) -> None:
         self._replicas = replicas
-        self._timeout = request_timeout
         # Ray types an actor's methods loosely: the registry is used as what it is, untyped.
         self._registry: Any = ray.get_actor(REGISTRY_NAME, namespace="serve")
 
@@ -41,7 +41,8 @@ class OmniIngress:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         handle = self._replicas.options(multiplexed_model_id=adapter_route(request))
-        reply = await _guarded(handle.generate.remote(request.SerializeToString(), _metadata(grpc_context), None))
+        remaining = time_remaining(grpc_context)
+        reply = await _guarded(handle.generate.remote(request.SerializeToString(), _metadata(grpc_context), remaining))
         return _answer(reply, grpc_context, pb.GenerateResponse)
 
     async def GenerateStream(
@@ -50,7 +51,9 @@ class OmniIngress:
         handle = self._replicas.options(multiplexed_model_id=adapter_route(request.request), stream=True)
         stream = cast(
             DeploymentResponseGenerator[Reply],
-            handle.generate_stream.remote(request.SerializeToString(), _metadata(grpc_context), None),
+            handle.generate_stream.remote(
+                request.SerializeToString(), _metadata(grpc_context), time_remaining(grpc_context)
+            ),
         )
         failed: Reply | None = None
         try:

@@ -23,15 +23,16 @@ from typing import Any
 import grpc
 import ray
 from google.protobuf.message import Message
-from omni_grpc_gateway.logs import configure_logging
 from ray import serve
 
 from omni_grpc.cli import build_parser, server_config_from_args
 from omni_grpc.cluster.registry import REGISTRY_NAME
 from omni_grpc.engine.engine import Engine
 from omni_grpc.errors import OmniError
-from omni_grpc.service.auth import AdminToken
+from omni_grpc.quoting import loggable
+from omni_grpc.service.auth import ADMIN_METHODS, AdminToken
 from omni_grpc.service.servicer import OmniServicer
+from omni_grpc.shared.logs import configure_logging
 from omni_grpc.v1 import omni_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ Metadata = Sequence[tuple[str, str | bytes]]
 # A reply: ("ok", message bytes) or ("error", code name, details, trailing metadata).
 Reply = tuple[Any, ...]
 SYNC_EVERY_S = 0.5
-ADMIN_RPCS = ("LoadAdapter", "UnloadAdapter")
 
 
 class Aborted(Exception):
@@ -53,7 +53,8 @@ class RelayedContext:
 
     def __init__(self, metadata: Metadata, timeout: float | None) -> None:
         self._metadata = tuple(metadata)
-        self._deadline = time.monotonic() + timeout if timeout else None
+        # The caller's deadline, as seconds left when the ingress passed the call on (None: no deadline).
+        self._deadline = time.monotonic() + timeout if timeout is not None else None
         self._done: list[Callable[[Any], None]] = []
 
     def invocation_metadata(self) -> Metadata:
@@ -121,6 +122,7 @@ class OmniReplica:
         request = pb.GenerateRequest.FromString(payload)
         context = RelayedContext(metadata, timeout)
         try:
+            # The servicer is typed for a grpc.aio context; the relayed one has what it uses (duck-typed).
             response = await self.servicer.Generate(request, context)  # type: ignore[arg-type]
         except Aborted as exc:
             return error_reply(exc)
@@ -134,6 +136,7 @@ class OmniReplica:
         request = pb.GenerateStreamRequest.FromString(payload)
         context = RelayedContext(metadata, timeout)
         try:
+            # The relayed context again (see generate).
             async for event in self.servicer.GenerateStream(request, context):  # type: ignore[arg-type]
                 if event.HasField("result"):
                     event.result.replica = self.name
@@ -152,7 +155,7 @@ class OmniReplica:
             "ListAdapters": pb.ListAdaptersRequest,
             "GetServerInfo": pb.GetServerInfoRequest,
         }
-        refusal = self.admin_refusal(method, metadata) if method in ADMIN_RPCS else None
+        refusal = self.admin_refusal(method, metadata) if method in ADMIN_METHODS else None
         if refusal is not None:
             return ("error", grpc.StatusCode.UNAUTHENTICATED.name, refusal, [])
         request = kinds[method].FromString(payload)
@@ -178,26 +181,35 @@ class OmniReplica:
         await self._note_route()
         if self._syncing is None:  # the first call starts the background sync, on the replica's own loop
             self._syncing = asyncio.create_task(self._sync_forever())
-        await self._sync()
+        # An admin's load or unload that the registry confirmed holds for every call after it.
+        await self._catch_up()
 
     async def _sync_forever(self) -> None:
         while True:
             try:
-                await self._sync()
+                await self._catch_up()
+                adapters = [a.SerializeToString() for a in await asyncio.to_thread(self._holding)]
+                await self.registry.report.remote(self.name, adapters, self._seen_version)
             except Exception:  # the registry restarting, say: try again
                 log.exception("replica %s could not sync with the adapter registry", self.name)
             await asyncio.sleep(SYNC_EVERY_S)
 
-    async def _sync(self) -> None:
+    async def _catch_up(self) -> None:
+        """Apply the admins' loads and unloads made since the last catch-up (one call to the registry)."""
         async with self._sync_lock:
-            version, loads, unloads = await self.registry.changes_since.remote(self._seen_version)
+            version, loads, unloads, stale = await self.registry.changes_since.remote(self._seen_version)
             if version != self._seen_version:
-                await asyncio.to_thread(self._apply, loads, unloads)
+                await asyncio.to_thread(self._apply, loads, unloads, stale)
                 self._seen_version = version
-            adapters = [a.SerializeToString() for a in await asyncio.to_thread(self._holding)]
-            await self.registry.report.remote(self.name, adapters)
 
-    def _apply(self, loads: list[dict[str, Any]], unloads: list[dict[str, Any]]) -> None:
+    def _apply(self, loads: list[dict[str, Any]], unloads: list[dict[str, Any]], stale: bool) -> None:
+        if stale:  # some unloads were missed: keep only what the admins loaded (the rest loads again on demand)
+            kept = {(spec["path"], spec["expert"] or "") for spec in loads}
+            unloads = [
+                {"path": a.path, "expert": a.expert}
+                for a in self.engine.list_adapters()
+                if (a.path, a.expert) not in kept
+            ]
         for spec in unloads:
             with contextlib.suppress(OmniError):  # never loaded here, or unloaded already
                 self.engine.unload_adapter(path=spec["path"], expert=spec["expert"] or None)
@@ -207,7 +219,9 @@ class OmniReplica:
                     spec["path"], name=spec["name"], adapter_id=spec["id"], pin=spec["pin"], expert=spec["expert"]
                 )
             except OmniError as exc:  # it loaded on the replica that validated it; here it did not
-                log.warning("replica %s could not load %s: %s", self.name, spec["path"], exc.message)
+                log.warning(
+                    "replica %s could not load %s: %s", self.name, loggable(spec["path"]), loggable(exc.message)
+                )
 
     def _holding(self) -> list[pb.Adapter]:
         from omni_grpc.service import convert

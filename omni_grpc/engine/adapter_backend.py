@@ -94,6 +94,7 @@ class PipelineFit:
         self._session = session
         self.naming: Naming = lora
         self.max_abs_weight = lora.max_abs_weight
+        self.max_tensors = lora.max_tensors
 
     def check(self, layout: AdapterLayout) -> dict[str, Shape]:
         deltas = self._lora.check_layout(layout)  # names the first module that does not fit: the most useful refusal

@@ -26,6 +26,7 @@ from omni_grpc.engine.adapter_math import Shape
 from omni_grpc.engine.file_layouts import ModuleSource, Naming, NoModel
 from omni_grpc.engine.safetensors_reader import (
     FLOAT_DTYPES,
+    MAX_TENSORS,
     FileStamp,
     MayOpen,
     SafetensorsFile,
@@ -33,6 +34,7 @@ from omni_grpc.engine.safetensors_reader import (
     current_stamp,
     open_safetensors,
     parse_json,
+    paused_gc,
     read_json,
 )
 from omni_grpc.engine.types import AdapterFormat
@@ -77,6 +79,9 @@ class ModelFit(Protocol):
 
     # The largest |weight| x scaling its dtype computes with safely; beyond it only overflow can come out.
     max_abs_weight: float
+    # The most tensors a file for it can hold (TENSORS_PER_LAYER per layer it can adapt): more is refused before
+    # the header is parsed.
+    max_tensors: int
     naming: Naming
 
     def check(self, layout: AdapterLayout) -> dict[str, Shape]:
@@ -131,6 +136,7 @@ class AdapterReader:
         self.may_open = may_open
         self.fit = fit
         self.naming: Naming = fit.naming if fit is not None else NoModel()
+        self.max_tensors = fit.max_tensors if fit is not None else MAX_TENSORS
         # The denoiser the file's denoiser modules go into (Wan 2.2's transformer_2); None: the model's first.
         self.expert = expert
 
@@ -202,35 +208,38 @@ class AdapterReader:
         config, config_stamp = read_json(config_path, MAX_CONFIG_BYTES, self.may_open)
         config = _lora_config(config, config_path)
         peft_config.check_config(config, config_path, self.max_rank)  # a bad config costs no tensor read
-        with open_safetensors(weights_path, self.may_open) as weights:
+        with open_safetensors(weights_path, self.may_open, self.max_tensors) as weights:
             infos = weights.header.tensors
-            self._check_ranks_and_dtypes(infos, weights_path, None)
-            sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
-            sources = _configured(sources, infos, config, config_path)
-            layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos)
-            adapter = self._load(weights, layout, _display_alpha(config), _display_targets(config, sources))
+            with paused_gc():  # a layout of thousands of modules (see paused_gc)
+                self._check_ranks_and_dtypes(infos, weights_path, None)
+                sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
+                sources = _configured(sources, infos, config, config_path)
+                layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos)
+            adapter = self._load(weights, self._fit(layout), _display_alpha(config), _display_targets(config, sources))
         if current_stamp(config_path) != config_stamp:  # half an old config with new weights is no adapter
             raise InvalidArgument(f"{config_path} changed while the adapter was being read; retry once it is written")
         adapter.files = ((str(config_path), config_stamp), *adapter.files)
         return adapter
 
     def _read_file(self, file: Path, path: str) -> AdapterWeights:
-        with open_safetensors(file, self.may_open) as weights:
+        with open_safetensors(file, self.may_open, self.max_tensors) as weights:
             infos = weights.header.tensors
-            fmt = file_layouts.kind_of(infos, in_peft_folder=False)
-            if fmt is None:
-                raise file_layouts.unknown_layout(file, infos)
-            if fmt is AdapterFormat.DIFFUSERS:
-                sources, alpha, targets = self._diffusers_layout(weights, file)
-            elif fmt is AdapterFormat.DIFFUSERS_OLD:
-                sources = file_layouts.old_diffusers_sources(infos, file, self.naming)
-                alpha, targets = None, _display_targets({}, sources)
-            else:
-                sources = file_layouts.kohya_sources(infos, file, self.naming)
-                alpha, targets = None, _display_targets({}, sources)
-            self._check_ranks_and_dtypes(infos, file, sources)
-            layout = AdapterLayout(path, fmt, file, tuple(sources), infos)
-            return self._load(weights, layout, alpha, targets)
+            with paused_gc():  # a layout of thousands of modules (see paused_gc)
+                fmt = file_layouts.kind_of(infos, in_peft_folder=False)
+                if fmt is None:
+                    raise file_layouts.unknown_layout(file, infos)
+                if fmt is AdapterFormat.DIFFUSERS:
+                    sources, alpha, targets = self._diffusers_layout(weights, file)
+                elif fmt is AdapterFormat.DIFFUSERS_OLD:
+                    sources = file_layouts.old_diffusers_sources(infos, file, self.naming)
+                    alpha, targets = None, _display_targets({}, sources)
+                else:
+                    sources = file_layouts.kohya_sources(infos, file, self.naming)
+                    alpha, targets = None, _display_targets({}, sources)
+                if fmt is not AdapterFormat.DIFFUSERS:  # (a diffusers file's were checked before its config)
+                    self._check_ranks_and_dtypes(infos, file, sources)
+                layout = AdapterLayout(path, fmt, file, tuple(sources), infos)
+            return self._load(weights, self._fit(layout), alpha, targets)
 
     def _diffusers_layout(self, weights: SafetensorsFile, file: Path) -> tuple[list[ModuleSource], float, list[str]]:
         """`save_lora_weights` files: each component's keys under its name, its LoraConfig in the metadata."""
@@ -292,12 +301,11 @@ class AdapterReader:
                 if key.endswith(".lora_A.weight") and info.shape and info.shape[0] > self.max_rank:
                     self._over_cap(file, key, info.shape[0])
             return
-        for source in sources:
-            role = adapter_math.rank_role(source.algorithm, source.keys)
-            rank_key = source.keys.get(role) if role is not None else None
-            rank_shape = infos[rank_key].shape if rank_key is not None else ()
-            if rank_key is not None and rank_shape and rank_shape[0] > self.max_rank:
-                self._over_cap(file, rank_key, rank_shape[0])
+        for source in sources:  # every inner rank: a LoHa's two, a LoKr's factorised factors
+            shapes = {role: infos[key].shape for role, key in source.keys.items()}
+            for role, rank in adapter_math.inner_ranks(shapes).items():
+                if rank > self.max_rank:
+                    self._over_cap(file, source.keys[role], rank)
 
     def _over_cap(self, file: Path, key: str, rank: int) -> None:
         raise InvalidArgument(
@@ -307,14 +315,23 @@ class AdapterReader:
 
     # ---- reading ------------------------------------------------------------------------------------
 
-    def _load(
-        self, weights: SafetensorsFile, layout: AdapterLayout, alpha: float | None, targets: list[str]
-    ) -> AdapterWeights:
-        """Judge the layout, read the tensors of one the model accepted, and make each module's exact pair."""
+    def _fit(self, layout: AdapterLayout) -> tuple[AdapterLayout, dict[str, Shape]]:
+        """The layout as it goes into the model (into its expert), and the model's verdict: each module's delta
+        shape (or the refusal), before a byte of tensor data is read."""
         if self.expert is not None and self.expert != self.naming.denoiser:
             sources = file_layouts.into_expert(layout.sources, self.naming.denoiser, self.expert, layout.file)
             layout = replace(layout, sources=sources)
-        deltas = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
+        return layout, self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
+
+    def _load(
+        self,
+        weights: SafetensorsFile,
+        fitted: tuple[AdapterLayout, dict[str, Shape]],
+        alpha: float | None,
+        targets: list[str],
+    ) -> AdapterWeights:
+        """Read the tensors of a layout the model accepted, and make each module's exact pair."""
+        layout, deltas = fitted
         tensors = weights.read()
         bound = self.fit.max_abs_weight if self.fit is not None else _FLOAT32_SAFE
         modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -375,15 +392,20 @@ def _configured(
     sources: list[ModuleSource], infos: Mapping[str, TensorInfo], config: dict[str, Any], source_file: Path
 ) -> list[ModuleSource]:
     """PEFT sources with the scaling peft's rules give each module (patterns included)."""
-    return [
-        replace(
-            s,
-            scaling=peft_config.module_scaling(
-                config, s.name, _first_dim(infos[s.keys["lora_down.weight"]]), source_file
-            ),
-        )
-        for s in sources
-    ]
+    # A file can hold thousands of modules: without patterns every module's scaling is the first one's (each
+    # rank still checked against r), and the sources are made directly, not by dataclasses.replace.
+    uniform = not config.get("rank_pattern") and not config.get("alpha_pattern")
+    first: float | None = None
+    configured = []
+    for s in sources:
+        rank = _first_dim(infos[s.keys["lora_down.weight"]])
+        if first is None or not uniform or rank != config["r"]:
+            scaling = peft_config.module_scaling(config, s.name, rank, source_file)
+            first = scaling if first is None else first
+        else:
+            scaling = first
+        configured.append(ModuleSource(s.name, s.algorithm, s.keys, scaling, s.alpha_key, s.targets))
+    return configured
 
 
 def _first_dim(info: TensorInfo) -> int:

@@ -51,6 +51,15 @@ def rank_role(algorithm: str, roles: Collection[str]) -> str | None:
     return next((role for role in ("lokr_w2_b", "lokr_w1_b") if role in roles), None)
 
 
+# The factors whose first dimension is an inner rank of the module (each one is capped by --max-lora-rank).
+_INNER_ROLES = ("lora_down.weight", "hada_w1_b", "hada_w2_b", "lokr_w1_b", "lokr_w2_b", "lokr_t2")
+
+
+def inner_ranks(shapes: Mapping[str, Shape]) -> dict[str, int]:
+    """Every inner rank a module's factors have, by role: a LoHa has two, a LoKr one per factorised factor."""
+    return {role: shapes[role][0] for role in _INNER_ROLES if shapes.get(role)}
+
+
 def declared_rank(algorithm: str, shapes: Mapping[str, Shape]) -> int:
     """The rank a file declares for a module: what its alpha is divided by (0: LoKr applies no alpha)."""
     role = rank_role(algorithm, shapes)
@@ -166,8 +175,11 @@ def exact_pair(algorithm: str, tensors: Mapping[str, torch.Tensor], weight: Shap
         else:
             m1, m2 = t["hada_w1_b"].flatten(1), t["hada_w2_b"].flatten(1)
             a1, a2 = t["hada_w1_a"], t["hada_w2_a"]
-        b = (a1[:, :, None] * a2[:, None, :]).reshape(out, -1)
-        a = (m1[:, None, :] * m2[None, :, :]).reshape(-1, fan_in)
+        if a1.shape[1] * a2.shape[1] > min(out, fan_in):  # the dense delta is smaller: never build the product pair
+            b, a = (a1 @ m1) * (a2 @ m2), None
+        else:
+            b = (a1[:, :, None] * a2[:, None, :]).reshape(out, -1)
+            a = (m1[:, None, :] * m2[None, :, :]).reshape(-1, fan_in)
     else:
         w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
         if "lokr_w2_a" in t and "lokr_t2" not in t:

@@ -408,7 +408,7 @@ class AdapterTable:
         if holder is not None or name in {p.name for p in self._pending.values()}:
             whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
             raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
-        log.info("adapter renamed id=%d name=%s new_name=%s", entry.id, entry.name, name)
+        log.info("adapter renamed id=%d name=%s new_name=%s", entry.id, loggable(entry.name), loggable(name))
         del self._by_name[entry.name]
         entry.name = name
         self._by_name[name] = entry
@@ -441,7 +441,9 @@ class AdapterTable:
             pending.done.set_exception(exc)
             raise
         if victim is not None:
-            log.info("adapter evicted from the table (--max-loaded-adapters) id=%d name=%s", victim.id, victim.name)
+            log.info(
+                "adapter evicted from the table (--max-loaded-adapters) id=%d name=%s", victim.id, loggable(victim.name)
+            )
             self._detach(victim)
         pending.done.set_result(entry)
         if not hold:
@@ -534,7 +536,7 @@ class AdapterTable:
                 entry.promotions += 1
                 self._totals["promotions"] += 1
                 self._set_tier_locked(entry, Tier.DEVICE)
-            log.info("adapter promoted to the device id=%d name=%s", entry.id, entry.name)
+            log.info("adapter promoted to the device id=%d name=%s", entry.id, loggable(entry.name))
 
     def _reread(self, entry: AdapterEntry) -> None:
         with entry.move_lock:
@@ -606,7 +608,7 @@ class AdapterTable:
                     self._set_tier_locked(victim, target)
                     victim.evictions += 1
                     self._totals["evictions"] += 1
-                log.info("adapter moved down to %s id=%d name=%s", target.value, victim.id, victim.name)
+                log.info("adapter moved down to %s id=%d name=%s", target.value, victim.id, loggable(victim.name))
             finally:
                 victim.move_lock.release()
 

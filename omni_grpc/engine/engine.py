@@ -43,7 +43,7 @@ from omni_grpc.engine.types import (
 from omni_grpc.engine.validation import ValidRequest, requested_adapters, resolve_expert, validate_request
 from omni_grpc.engine.worker import BatchItem, Worker
 from omni_grpc.errors import InvalidArgument, OmniError, ResourceExhausted, Unavailable
-from omni_grpc.quoting import loggable
+from omni_grpc.quoting import CUT_MARK, loggable
 
 log = logging.getLogger("omni_grpc.requests")
 
@@ -77,8 +77,36 @@ def _paths_as_sent(real: str | None, sent: str | None) -> Iterator[None]:
         yield
     except OmniError as exc:
         if real and sent and real != sent:
-            exc.message = exc.message.replace(real, sent)
+            exc.message = conceal_path(exc.message, real, sent)
         raise
+
+
+def conceal_path(message: str, real: str, sent: str) -> str:
+    """`message` with the server's part of `real` (what `sent` resolved to) put back as the client sent it,
+    however a message quotes it: raw, escaped by repr (either quote), or cut short inside it."""
+    common = 0
+    while common < min(len(real), len(sent)) and real[-1 - common] == sent[-1 - common]:
+        common += 1
+    real_head, sent_head = real[: len(real) - common], sent[: len(sent) - common]
+    if not real_head:
+        return message
+    for form in (str, _escaped_single, _escaped_double):
+        hidden, shown_as = form(real_head), form(sent_head)
+        message = message.replace(hidden, shown_as)
+        # A quote cut short inside the head ends in "...(cut)": drop the head's start there.
+        for size in range(len(hidden) - 1, 0, -1):
+            message = message.replace(hidden[:size] + CUT_MARK, CUT_MARK)
+    return message
+
+
+def _escaped_single(text: str) -> str:
+    """`text` as repr escapes it inside single quotes (a value holding both kinds of quote)."""
+    return repr("'\"" + text)[4:-1]
+
+
+def _escaped_double(text: str) -> str:
+    """`text` as repr escapes it inside double quotes (a value holding a single quote only)."""
+    return repr("'" + text)[2:-1] if '"' not in text else text
 
 
 def _with_adapters(progress: Progress | None, applied: list[AppliedAdapter]) -> Progress | None:

@@ -24,6 +24,7 @@ from omni_grpc.engine.adapter_math import NotAPair, Shape
 from omni_grpc.engine.file_layouts import ModuleSource
 from omni_grpc.engine.kohya_names import KohyaTable, Target
 from omni_grpc.engine.lora_layers import AdapterSlot, BatchPlan, MultiLora
+from omni_grpc.engine.safetensors_reader import MAX_TENSORS, TENSORS_PER_LAYER
 from omni_grpc.errors import FailedPrecondition
 from omni_grpc.quoting import shown
 
@@ -52,6 +53,10 @@ class LoraSet:
         if denoiser not in parts:
             raise ValueError(f"the denoiser {denoiser!r} is not among the parts {sorted(parts)}")
         self._parts = {name: MultiLora(module, device, dtype) for name, module in parts.items()}
+        # The layers an adapter can adapt, all parts together: a file for this model has at most
+        # TENSORS_PER_LAYER tensors for each.
+        layers = sum(isinstance(m, nn.Linear | nn.Conv2d) for part in parts.values() for m in part.modules())
+        self.max_tensors = min(MAX_TENSORS, TENSORS_PER_LAYER * layers)
         self._denoiser = denoiser
         self._kohya_table = kohya_table
         self._device = device

@@ -8,11 +8,13 @@ what is loaded is what was checked, even if the path is replaced meanwhile.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,6 +40,10 @@ _TORCH_DTYPES = {
 MAX_HEADER_BYTES = 8 << 20
 MAX_FILE_BYTES = 4 << 30
 MAX_TENSORS = 8192
+# Every module a file adapts has at most this many tensors (a Tucker LoHa: w1_a, w1_b, w2_a, w2_b, t1, t2, alpha):
+# a model with L layers an adapter can adapt needs at most this many per layer.
+TENSORS_PER_LAYER = 7
+_WHY_LIMIT = f" ({TENSORS_PER_LAYER} per layer of the model an adapter can adapt, at most {MAX_TENSORS})"
 MAX_KEY_CHARS = 512
 # Commas and colons in a header, counted before it is parsed: they bound how many JSON values parsing makes.
 MAX_HEADER_SEPARATORS = 200_000
@@ -86,8 +92,9 @@ class SafetensorsFile:
     replaced or deleted meanwhile, and no mmap is left pointing at a file that may change later.
     """
 
-    def __init__(self, file: Path, may_open: MayOpen | None = None) -> None:
+    def __init__(self, file: Path, may_open: MayOpen | None = None, max_tensors: int = MAX_TENSORS) -> None:
         self.file = file
+        self._max_tensors = max_tensors
         self._handle = open_regular(file, may_open)
         try:
             opened = os.fstat(self._handle.fileno())
@@ -161,14 +168,36 @@ class SafetensorsFile:
                 f"{file}: the safetensors header has {separators} separators; the limit is {MAX_HEADER_SEPARATORS} "
                 "(far more than any adapter's tensors need)"
             )
-        header = _check_header(file, parse_json(raw, f"{file}: the safetensors header"), size, 8 + length)
+        # Every tensor's entry has one "data_offsets" key, which no JSON string can hold unescaped: more than
+        # MAX_TENSORS of them is refused before the parse, whose cost grows with the entries.
+        entries = raw.count(b'"data_offsets"')
+        if entries > self._max_tensors:
+            raise InvalidArgument(f"{file} declares {entries} tensors; the limit is {self._max_tensors}{_WHY_LIMIT}")
+        with paused_gc():
+            header = parse_json(raw, f"{file}: the safetensors header")
+            header = _check_header(file, header, size, 8 + length, self._max_tensors)
         return prefix + raw, header
 
 
-def open_safetensors(file: Path, may_open: MayOpen | None = None) -> SafetensorsFile:
-    """Open `file` and check its header; an OS error is an InvalidArgument naming the file."""
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a header's many small objects are made and judged: in a process that
+    holds a model, each full collection walks every object it has (hundreds of ms), and parsing thousands of
+    entries would start several. Reference counting still frees what is dropped; the collector resumes after."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        return SafetensorsFile(file, may_open)
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def open_safetensors(file: Path, may_open: MayOpen | None = None, max_tensors: int = MAX_TENSORS) -> SafetensorsFile:
+    """Open `file` and check its header (at most `max_tensors` tensors); an OS error is an InvalidArgument
+    naming the file."""
+    try:
+        return SafetensorsFile(file, may_open, max_tensors)
     except OSError as exc:  # a permission denied, an I/O error, a path that changed type meanwhile, ...
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
 
@@ -250,7 +279,7 @@ def _opened_path(fd: int, file: Path) -> str:
         return os.path.realpath(file)
 
 
-def _check_header(file: Path, header: Any, size: int, data_start: int) -> SafetensorsHeader:
+def _check_header(file: Path, header: Any, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
     """Check a parsed safetensors header against the file's size. Allocates no tensor."""
     if not isinstance(header, dict):
         raise InvalidArgument(f"{file} is not a safetensors file: its header is not a JSON object")
@@ -261,8 +290,8 @@ def _check_header(file: Path, header: Any, size: int, data_start: int) -> Safete
         raise InvalidArgument(f"{file}: the safetensors __metadata__ must be an object of strings")
     if not header:
         raise InvalidArgument(f"{file} holds no tensors")
-    if len(header) > MAX_TENSORS:
-        raise InvalidArgument(f"{file} declares {len(header)} tensors; the limit is {MAX_TENSORS}")
+    if len(header) > max_tensors:
+        raise InvalidArgument(f"{file} declares {len(header)} tensors; the limit is {max_tensors}{_WHY_LIMIT}")
     tensors = {key: _tensor_info(file, key, info) for key, info in header.items()}
     declared = sum(t.end - t.begin for t in tensors.values())
     if declared > MAX_FILE_BYTES:
@@ -297,33 +326,59 @@ def _check_header(file: Path, header: Any, size: int, data_start: int) -> Safete
 
 
 def _tensor_info(file: Path, key: str, info: Any) -> TensorInfo:
-    name = shown(key)
+    # A header holds thousands of these: a well-formed entry is taken in one cheap pass; any other is judged
+    # by `_misdescribed`, which says what is wrong with it.
+    if type(info) is dict and len(key) <= MAX_KEY_CHARS:
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (
+            type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+            and type(dtype) is str
+            and dtype in DTYPE_SIZES
+            and _naturals(shape)
+            and _naturals(offsets)
+            and offsets[0] <= offsets[1]
+            and _nbytes(shape, DTYPE_SIZES[dtype]) == offsets[1] - offsets[0]
+        ):
+            return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+    raise _misdescribed(file, key, info)
+
+
+def _misdescribed(file: Path, key: str, info: Any) -> InvalidArgument:
+    """What is wrong with a tensor's entry (one `_tensor_info` did not take)."""
     if len(key) > MAX_KEY_CHARS:
-        raise InvalidArgument(f"{file}: tensor name {name} is {len(key)} characters long; the limit is {MAX_KEY_CHARS}")
+        return InvalidArgument(
+            f"{file}: tensor name {shown(key)} is {len(key)} characters long; the limit is {MAX_KEY_CHARS}"
+        )
     if not isinstance(info, dict):
-        raise InvalidArgument(f"{file}: tensor {name} is described by {shown(info)}, not an object")
+        return InvalidArgument(f"{file}: tensor {shown(key)} is described by {shown(info)}, not an object")
     dtype = info.get("dtype")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise InvalidArgument(f"{file}: tensor {name} has dtype {shown(dtype)}; allowed: {', '.join(DTYPE_SIZES)}")
+        return InvalidArgument(
+            f"{file}: tensor {shown(key)} has dtype {shown(dtype)}; allowed: {', '.join(DTYPE_SIZES)}"
+        )
     shape = info.get("shape")
     if not isinstance(shape, list) or not _naturals(shape):
-        raise InvalidArgument(f"{file}: tensor {name} has shape {shown(shape)}; want a list of integers >= 0")
+        return InvalidArgument(f"{file}: tensor {shown(key)} has shape {shown(shape)}; want a list of integers >= 0")
     offsets = info.get("data_offsets")
     if not isinstance(offsets, list) or len(offsets) != 2 or not _naturals(offsets):
-        raise InvalidArgument(
-            f"{file}: tensor {name} has data_offsets {shown(offsets)}; want [begin, end], two integers >= 0"
+        return InvalidArgument(
+            f"{file}: tensor {shown(key)} has data_offsets {shown(offsets)}; want [begin, end], two integers >= 0"
         )
     begin, end = offsets
     if begin > end:
-        raise InvalidArgument(f"{file}: tensor {name} has data_offsets [{begin}, {end}], which end before they begin")
+        return InvalidArgument(
+            f"{file}: tensor {shown(key)} has data_offsets [{begin}, {end}], which end before they begin"
+        )
     needed = _nbytes(shape, DTYPE_SIZES[dtype])
     if needed != end - begin:
         shown_needed = "more than the size limit" if needed is None else f"{needed} bytes"
-        raise InvalidArgument(
-            f"{file}: tensor {name} has data_offsets [{begin}, {end}] ({end - begin} bytes), but shape "
+        return InvalidArgument(
+            f"{file}: tensor {shown(key)} has data_offsets [{begin}, {end}] ({end - begin} bytes), but shape "
             f"{shown(shape)} of {dtype} needs {shown_needed}"
         )
-    return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+    return InvalidArgument(f"{file}: tensor {shown(key)} is not a valid entry")
 
 
 def _nbytes(shape: list[int], itemsize: int) -> int | None:

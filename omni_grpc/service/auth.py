@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 # gRPC call metadata, as interceptors and servicer contexts give it: (key, value) pairs.
 Metadata = Iterable[tuple[str, str | bytes]]
+# The RPCs of OmniService that need the admin token (when one is set).
+ADMIN_METHODS = ("LoadAdapter", "UnloadAdapter")
 
 
 class AdminToken:

@@ -25,7 +25,7 @@ from omni_grpc.config import ServerConfig
 from omni_grpc.engine.engine import Engine
 from omni_grpc.errors import ModelLoadError, OmniError
 from omni_grpc.quoting import loggable
-from omni_grpc.service.auth import AdminToken, AdminTokenInterceptor
+from omni_grpc.service.auth import ADMIN_METHODS, AdminToken, AdminTokenInterceptor
 from omni_grpc.service.metrics import ServerMetrics
 from omni_grpc.service.servicer import OmniServicer
 from omni_grpc.v1 import SERVICE_NAME, omni_pb2_grpc
@@ -54,7 +54,7 @@ async def serve(config: ServerConfig, stop: asyncio.Event | None = None) -> int:
     token = AdminToken(config.admin_token)
     interceptors = []
     if token.required:
-        admin = [f"/{SERVICE_NAME}/LoadAdapter", f"/{SERVICE_NAME}/UnloadAdapter"]
+        admin = [f"/{SERVICE_NAME}/{method}" for method in ADMIN_METHODS]
         interceptors.append(AdminTokenInterceptor(token, admin))
     server = grpc.aio.server(
         interceptors=interceptors,
