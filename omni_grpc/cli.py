@@ -76,6 +76,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         help="most images in one denoising batch; concurrent requests of one shape share it (1: off)",
     )
     g.add_argument(
+        "--batch-policy",
+        choices=("learned", "fill"),
+        default=engine.batch_policy,
+        help="how many queued images a batch takes: 'learned' gives the most images per second from what batches "
+        "of each size cost this server (smaller batches where batching does not pay); 'fill' takes all that fit",
+    )
+    g.add_argument(
         "--max-running-batches",
         type=int,
         default=engine.max_running_batches,
@@ -140,6 +147,7 @@ def engine_config_from_args(args: argparse.Namespace, *, progress_bar: bool = Fa
         max_host_adapters=args.max_host_adapters,
         max_loading_bytes=args.max_loading_bytes,
         max_batch_size=args.max_batch_size,
+        batch_policy=args.batch_policy,
         max_running_batches=args.max_running_batches,
         cache_dir=args.cache_dir,
         torch_threads=args.torch_threads,

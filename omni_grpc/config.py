@@ -52,6 +52,9 @@ class EngineConfig:
     max_loading_bytes: int = 2 << 30
     # Most images in one denoising batch (requests of one shape share it; 1 turns batching off).
     max_batch_size: int = 8
+    # How many of them a batch takes: "learned" (the most images per second, from what batches of each size
+    # cost this server; see engine/batch_sizer.py) or "fill" (as many as are queued).
+    batch_policy: str = "learned"
     # Batches in flight at once, taking turns on the model step by step: a batch much shorter than the
     # running ones starts beside them instead of waiting for them to end (1: strictly one after another).
     max_running_batches: int = 4

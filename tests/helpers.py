@@ -156,9 +156,12 @@ def start_server(
 ) -> Any:
     """A server with these `omni-grpc serve` flags: in this process unless `process` (or an environment or
     no wait is asked for, which only a process can give). Without metrics unless `args` give a port: tests
-    start many servers at once."""
+    start many servers at once. Batches take every queued request that fits unless `args` say otherwise: the
+    tests check what shares a batch, and the learned policy (tests/test_batch_sizer.py) may choose less."""
     if not any(arg.startswith("--metrics-port") for arg in args):
         args = ["--metrics-port", "0", *args]
+    if not any(arg.startswith("--batch-policy") for arg in args):
+        args = ["--batch-policy", "fill", *args]
     if not process and env is None and wait:
         return InProcessServer(args, log_path, tls_ca, port)
     port = port or free_port()
@@ -354,9 +357,10 @@ def run_together(engine: Engine, requests: list[GenerateRequest], **kwargs: Any)
 
 @contextlib.contextmanager
 def started_engine(**config: Any) -> Iterator[Engine]:
+    """An engine with this config; batches take every queued request that fits, as `start_server`'s do."""
     from omni_grpc.config import EngineConfig
 
-    engine = Engine(EngineConfig(**config)).start()
+    engine = Engine(EngineConfig(**{"batch_policy": "fill", **config})).start()
     try:
         yield engine
     finally:

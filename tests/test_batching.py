@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from omni_grpc.config import EngineConfig
+from omni_grpc.engine.batch_sizer import BatchSizer
 from omni_grpc.engine.engine import Engine
-from omni_grpc.engine.types import GenerateRequest, GenerateResult, LoraRequest, SamplingParams
+from omni_grpc.engine.types import GenerateRequest, GenerateResult, LoraRequest, OutputFormat, SamplingParams
 from omni_grpc.engine.worker import BatchItem, Worker
 from omni_grpc.errors import Cancelled
 from tests.helpers import held_worker, run_together, wait_queued
@@ -21,7 +24,9 @@ from tests.lora_factory import make_peft_adapter
 
 @pytest.fixture(scope="module")
 def engine(cache_root: Path) -> Iterator[Engine]:
-    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=8, allow_any_lora_path=True)).start()
+    eng = Engine(
+        EngineConfig(cache_dir=cache_root, batch_policy="fill", max_batch_size=8, allow_any_lora_path=True)
+    ).start()
     yield eng
     eng.close()
 
@@ -91,7 +96,9 @@ def test_with_and_without_negative_prompt_do_not_share_a_batch(engine: Engine) -
 
 
 def test_max_batch_size_splits_the_queue(cache_root: Path) -> None:
-    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=2, allow_any_lora_path=True)).start()
+    eng = Engine(
+        EngineConfig(cache_dir=cache_root, batch_policy="fill", max_batch_size=2, allow_any_lora_path=True)
+    ).start()
     try:
         results = [f.result() for f in run_together(eng, [request(seed=s) for s in range(5)])]
         assert sorted(r.batch_size for r in results) == [1, 2, 2, 2, 2]
@@ -189,3 +196,70 @@ def test_oldest_first_no_starvation_and_size_bound() -> None:
     # x1 heads the queue and takes x2 (size 2) up to the bound; y1 is next in line, before x3, x4, x5.
     assert recorder.batches == [["x1", "x2"], ["y1"], ["x3", "x4", "x5"]]
     worker.close()
+
+
+def test_a_learned_batch_size_keeps_the_queue_in_order() -> None:
+    """Where batching does not pay, batches are smaller, and the oldest request still goes first."""
+    sizer = BatchSizer(8)
+    for seconds in (9.0, 1.0, 1.0):  # a warm-up call, then single calls of 1 s
+        sizer.observe("x", 1, seconds)
+    sizer.observe("x", 3, 3.5)  # three together cost more than three alone
+    recorder = Recorder()
+    worker: Worker[str] = Worker(sizer=sizer)
+    worker.start_batching(recorder)
+    hold = threading.Event()
+    worker.submit(hold.wait)
+    futures = [submit(worker, i) for i in (item("x", "x1"), item("x", "x2"), item("y", "y1"), item("x", "x3"))]
+    hold.set()
+    for f in futures:
+        f.result()
+    assert recorder.batches == [["x1"], ["x2"], ["y1"], ["x3"]]
+    worker.close()
+
+
+def test_the_engine_learns_batch_costs_from_its_own_runs(cache_root: Path) -> None:
+    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=4, allow_any_lora_path=True)).start()
+    try:
+        batch = [request(seed=s) for s in range(3)]
+        for _ in range(2):  # the shape's first call warms it up; the second is its first cost
+            together = [f.result() for f in run_together(eng, batch)]
+            assert [r.batch_size for r in together] == [3, 3, 3]
+        learned = eng.sizer.learned()
+        assert len(learned) == 1
+        ((key, costs),) = learned.items()
+        assert list(costs) == [3] and 0 < costs[3] < 60
+        # Calls of one sample that cost a quarter of three together: batching does not pay here, so it stops.
+        for _ in range(5):
+            eng.sizer.observe(key, 1, costs[3] / 4)
+        alone = [f.result() for f in run_together(eng, batch)]
+        assert [r.batch_size for r in alone] == [1, 1, 1]
+        for a, b in zip(alone, together, strict=True):
+            np.testing.assert_allclose(arrays(a)[0], arrays(b)[0], atol=1e-4)
+    finally:
+        eng.close()
+
+
+def test_the_denoiser_does_not_wait_for_encoding(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request's PNG is encoded on its caller's thread: the next batch denoises meanwhile."""
+    from omni_grpc.engine import engine as engine_module
+
+    real = engine_module.encode_image
+    encoding, go_on = threading.Event(), threading.Event()
+
+    def slow_for_the_first(image: Any, fmt: OutputFormat) -> bytes:
+        if not encoding.is_set():
+            encoding.set()
+            assert go_on.wait(60), "the second request never finished while the first was encoding"
+        return real(image, fmt)
+
+    monkeypatch.setattr(engine_module, "encode_image", slow_for_the_first)
+    first = dataclasses.replace(request(seed=31), output_format=OutputFormat.PNG)
+    second = dataclasses.replace(request(seed=32), output_format=OutputFormat.PNG)
+    with ThreadPoolExecutor(2) as pool:
+        pending = pool.submit(engine.generate, first)
+        assert encoding.wait(60)
+        done = engine.generate(second)  # denoised and encoded while the first still encodes
+        assert not pending.done()
+        go_on.set()
+        assert pending.result().images[0].data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done.images[0].data[:8] == b"\x89PNG\r\n\x1a\n"

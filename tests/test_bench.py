@@ -27,8 +27,9 @@ def test_quick_benchmark_writes_its_report(cache_root: Path, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     names = [r["measurement"] for r in report["results"]]
-    assert len(names) == 17 and report["meta"]["profile"] == "quick"
+    assert len(names) == 20 and report["meta"]["profile"] == "quick"
     fragments = ("mixed workload, tiny", "mixed workload, small", "different adapters", "switching cost, 100")
+    fragments += ("operations per denoising step, batch of 8 on 8 distinct adapters",)
     fragments += ("LoHa", "LoKr", "sdxl model", "flux model", "qwen-image model", "wan model")
     for fragment in fragments:
         assert any(fragment in n for n in names), fragment

@@ -123,7 +123,9 @@ def test_cancel_and_deadline_mid_generation_free_the_adapter(
 
 @pytest.fixture(scope="module")
 def engine(cache_root: Path) -> Iterator[Engine]:
-    eng = Engine(EngineConfig(cache_dir=cache_root, max_batch_size=8, allow_any_lora_path=True)).start()
+    eng = Engine(
+        EngineConfig(cache_dir=cache_root, batch_policy="fill", max_batch_size=8, allow_any_lora_path=True)
+    ).start()
     yield eng
     eng.close()
 

@@ -29,7 +29,7 @@ class BenchModel:
     frames: int | None = None
 
 
-def _cached(folder: Path, build: Callable[[Path], object]) -> Path:
+def cached(folder: Path, build: Callable[[Path], object]) -> Path:
     """`folder`, built once (into a temporary folder renamed into place, so a half-built model is never used)."""
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,7 @@ def _cached(folder: Path, build: Callable[[Path], object]) -> Path:
 
 def bench_models(cache_root: Path) -> dict[str, BenchModel]:
     """The tiny default model and the small one (512x512, 8 layers, 8 heads x 32), cached."""
-    small = _cached(cache_root / "small-sd3-v1", lambda out: build_tiny_sd3(out, SMALL_SD3))
+    small = cached(cache_root / "small-sd3-v1", lambda out: build_tiny_sd3(out, SMALL_SD3))
     return {
         "tiny": BenchModel("tiny", default_model_dir(cache_root), TinySD3Spec()),
         "small": BenchModel("small", small, SMALL_SD3),
@@ -66,7 +66,7 @@ def family_models(cache_root: Path) -> dict[str, BenchModel]:
     }
     frames = {"wan": 5}
     return {
-        name: BenchModel(name, _cached(cache_root / f"bench-{name}-v1", build), None, frames.get(name))
+        name: BenchModel(name, cached(cache_root / f"bench-{name}-v1", build), None, frames.get(name))
         for name, build in builders.items()
     }
 

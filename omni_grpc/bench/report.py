@@ -17,7 +17,7 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value / 1024:.1f} KiB"
     if unit in ("s", "s/step", "s/batch"):
         return f"{value * 1000:.3f} ms" if value < 1 else f"{value:.2f} s"
-    return f"{value:.2f} {unit}"
+    return f"{value:.2f} {unit}" if value >= 1 else f"{value:.3g} {unit}"
 
 
 def markdown(rows: list[Row]) -> str:

@@ -13,20 +13,20 @@ from pathlib import Path
 # Sizes: (quick, full). Quick runs in about a minute on 2 CPU cores.
 PROFILES = {
     "quick": {
-        "tiny": {"requests": 16, "adapters": 8, "clients": 8, "size": 64, "steps": 4},
-        "small": {"requests": 4, "adapters": 4, "clients": 4, "size": 256, "steps": 2},
-        "batch": {"batch": 4, "size": 256, "steps": 2, "repeat": 1},
+        "tiny": {"requests": 16, "adapters": 8, "clients": 8, "size": 64, "steps": 4, "repeat": 1},
+        "small": {"requests": 4, "adapters": 4, "clients": 4, "size": 256, "steps": 2, "repeat": 1},
+        "batch": {"batch": 8, "size": 128, "steps": 2, "repeat": 1},
         "switch": {"size": 256, "iterations": 300, "repeat": 5},
         "load": {"count": 11},
-        "family": {"requests": 8, "adapters": 4, "clients": 4, "size": 64, "steps": 2},
+        "family": {"requests": 8, "adapters": 4, "clients": 4, "size": 64, "steps": 2, "repeat": 1},
     },
     "full": {
-        "tiny": {"requests": 48, "adapters": 16, "clients": 8, "size": 64, "steps": 8},
-        "small": {"requests": 12, "adapters": 6, "clients": 4, "size": 512, "steps": 4},
-        "batch": {"batch": 4, "size": 512, "steps": 2, "repeat": 3},
+        "tiny": {"requests": 48, "adapters": 16, "clients": 8, "size": 64, "steps": 8, "repeat": 3},
+        "small": {"requests": 12, "adapters": 6, "clients": 4, "size": 512, "steps": 4, "repeat": 3},
+        "batch": {"batch": 8, "size": 256, "steps": 2, "repeat": 3},
         "switch": {"size": 512, "iterations": 2000, "repeat": 9},
         "load": {"count": 41},
-        "family": {"requests": 24, "adapters": 8, "clients": 8, "size": 64, "steps": 4},
+        "family": {"requests": 24, "adapters": 8, "clients": 8, "size": 64, "steps": 4, "repeat": 3},
     },
 }
 
@@ -66,8 +66,13 @@ def run(args: argparse.Namespace) -> int:
             print(report.markdown(rows[-1:]).splitlines()[-1], flush=True)
         small = models["small"]
         rows.append(measure.batch_across_adapters(small, root, **profile["batch"]))
-        rows.extend(measure.switching_and_step(small, root, **profile["switch"]))
+        rows.extend(measure.operations_per_step(small, root, size=profile["batch"]["size"]))
         switch = profile["switch"]
+        rows.extend(
+            measure.switching_and_step(
+                small, root, size=switch["size"], iterations=switch["iterations"], repeat=switch["repeat"]
+            )
+        )
         rows.extend(measure.lycoris_step(small, root, size=switch["size"], repeat=switch["repeat"]))
         for rank in (16, 64):
             rows.extend(measure.cold_load_and_memory(small, root, rank=rank, **profile["load"]))

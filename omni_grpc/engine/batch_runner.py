@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from omni_grpc.engine.batch_sizer import BatchSizer
 from omni_grpc.engine.imaging import encode_image
 from omni_grpc.engine.lora_set import LoraSet
 from omni_grpc.engine.pipeline import LoadedPipeline, run_pipeline
@@ -82,13 +83,20 @@ class BatchRunner:
     """Runs batches on the worker thread; the worker calls it with the requests it put together."""
 
     def __init__(
-        self, pipeline: LoadedPipeline, lora: LoraSet, turns: Turns, on_batch: Callable[[int], None] | None = None
+        self,
+        pipeline: LoadedPipeline,
+        lora: LoraSet,
+        turns: Turns,
+        on_batch: Callable[[int], None] | None = None,
+        sizer: BatchSizer | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._lora = lora
         self._turns = turns
         # Told the images of each pipeline call it makes.
         self._on_batch = on_batch
+        # Told what each pipeline call that had the model to itself cost, to size the next batches.
+        self._sizer = sizer
 
     def __call__(self, items: list[BatchItem[Work]]) -> None:
         started = time.perf_counter()
@@ -176,6 +184,8 @@ class BatchRunner:
             if item.payload.progress is not None:
                 item.payload.progress.sink(Started(batch_size=len(seeds)))
 
+        shared = False  # whether another batch or job had the model between this call's steps
+
         def resume() -> None:
             # Another batch may have had the model since this one's last step: put this one's state back. The
             # text encoders' part of the plan applies while the pipeline encodes the prompts, in its first turn.
@@ -194,6 +204,8 @@ class BatchRunner:
                 row += n
             self._report(live, step + 1, latents, denoise_start)
             if self._turns.pass_if_waiting():  # a batch or job waits for the model: one step each
+                nonlocal shared
+                shared = True
                 resume()
             # A stopped request is answered at once; the others go on. Stop when none is left.
             stopped = [_settle_if_stopped(item, step) for item in live]  # every one, no short-circuit
@@ -222,6 +234,8 @@ class BatchRunner:
             self._lora.activate(None)
             pipeline.guidance.clear()
         inference_ms = (time.perf_counter() - denoise_start) * 1000
+        if self._sizer is not None and not shared:
+            self._sizer.observe(live[0].key, len(seeds), inference_ms / 1000)
         offset = 0
         for item in live:
             work = item.payload

@@ -23,6 +23,7 @@ from omni_grpc.config import EngineConfig
 from omni_grpc.engine.adapter_backend import LoadingBudget, PipelineAdapters
 from omni_grpc.engine.adapters import AdapterLease, AdapterTable, normalize_path, parse_lora_spec
 from omni_grpc.engine.batch_runner import BatchRunner, Done, StopCheck, Work, stop_check
+from omni_grpc.engine.batch_sizer import BatchSizer
 from omni_grpc.engine.imaging import encode_image, encode_mp4
 from omni_grpc.engine.lora_set import LoraSet
 from omni_grpc.engine.observe import EngineState, Observer, RequestRecord
@@ -133,9 +134,8 @@ def _outcome(exc: BaseException) -> str:
 class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
-        self._worker: Worker[Work] = Worker(
-            max_batch_size=self.config.max_batch_size, max_running_batches=self.config.max_running_batches
-        )
+        self.sizer = BatchSizer(self.config.max_batch_size, policy=self.config.batch_policy)
+        self._worker: Worker[Work] = Worker(max_running_batches=self.config.max_running_batches, sizer=self.sizer)
         self._pipeline: LoadedPipeline | None = None
         self._table: AdapterTable | None = None
         self._lora: LoraSet | None = None
@@ -173,7 +173,9 @@ class Engine:
         self._lora = LoraSet(
             pipeline.lora_parts, pipeline.denoiser_component, pipeline.kohya_table, pipeline.device, pipeline.dtype
         )
-        self._worker.start_batching(BatchRunner(pipeline, self._lora, self._worker.turns, on_batch=self._batch_done))
+        self._worker.start_batching(
+            BatchRunner(pipeline, self._lora, self._worker.turns, on_batch=self._batch_done, sizer=self.sizer)
+        )
         self._table = AdapterTable(
             PipelineAdapters(
                 self._worker, self._lora, cfg.limits.max_lora_rank, self._paths, LoadingBudget(cfg.max_loading_bytes)

@@ -3,10 +3,18 @@ weights.
 
 Each Linear/Conv2d that some adapter targets gets one forward hook, installed the first time an adapter
 names it. Before each of its steps a batch activates its `BatchPlan`: the adapters and scales of every
-sample (none, one or several). The hook adds `lora_B(lora_A(x)) * scaling * scale` for each group of rows
-that run with an adapter at a scale, so a sample's adapters add up as diffusers' `set_adapters` composes
-them; samples without an adapter are left alone. With no plan the hooks return the base output untouched,
-so base results stay bit-identical to a model that never saw an adapter.
+sample (none, one or several). A sample's adapters add up as diffusers' `set_adapters` composes them, and
+samples without an adapter are left alone. The hook's work does not grow with the mix of adapters:
+
+- every row runs with the same adapter at the same scale: `lora_B(lora_A(x))` accumulates into the output
+  (a matmul and an addmm);
+- any other mix (several adapters, scales, combinations, rows without one): each row's adapters are
+  stacked once per batch into one rank-padded pair, their ranks concatenated and their scales folded into
+  B (`LoraStack`), and every step applies all rows with one batched matmul down and one batched
+  matmul-add up (grouped convolutions for a Conv2d), as Punica's and S-LoRA's batched kernels do for LLMs.
+
+With no plan the hooks return the base output untouched, so base results stay bit-identical to a model
+that never saw an adapter.
 
 Adapter tensors live in `AdapterSlot`s, outside the module tree: moving one between memory tiers is a
 tensor copy, switching adapters is setting a plan, and neither depends on how many adapters are loaded.
@@ -44,15 +52,13 @@ class ModuleLora:
         stride, padding, dilation = self.conv
         return F.conv2d(F.conv2d(x, self.a, None, stride, padding, dilation), self.b)
 
-    def add_to(self, output: torch.Tensor, x: torch.Tensor, factor: float, index: torch.Tensor | None) -> torch.Tensor:
-        """output (+)= factor * lora_B(lora_A(x)) on the rows in `index` (all rows when None).
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, factor: float) -> torch.Tensor:
+        """output += factor * lora_B(lora_A(x)), on every row.
 
         The base layer's output is a fresh tensor that nothing else holds yet, so it is updated in
         place: for a Linear the up-projection accumulates straight into it (one GEMM, no temporaries
         of the output's size), which keeps an adapted step within a few percent of a base step.
         """
-        if index is not None:
-            return output.index_add_(0, index, self.delta(x.index_select(0, index)).to(output.dtype), alpha=factor)
         if self.conv is None and output.is_contiguous():
             down = F.linear(x, self.a)
             output.view(-1, output.shape[-1]).addmm_(down.reshape(-1, down.shape[-1]), self.b.t(), alpha=factor)
@@ -85,6 +91,48 @@ class AdapterSlot:
 
 
 @dataclass
+class LoraStack:
+    """The adapters of every row of a batch at one module, as one rank-padded pair: row i's adapters'
+    ranks side by side (zeros beyond), their factor (scaling x scale) folded into B."""
+
+    # Linear: A^T (rows, in, R), B^T (rows, R, out). Conv2d: A (rows x R, in, kh, kw), B (rows x out, R, 1, 1).
+    a: torch.Tensor
+    b: torch.Tensor
+    conv: tuple[Any, Any, Any] | None
+
+    @classmethod
+    def of(cls, rows: Sequence[Sequence[tuple[ModuleLora, float]]]) -> LoraStack:
+        first = next(lora for row in rows for lora, _ in row)
+        rank = max(sum(lora.a.shape[0] for lora, _ in row) for row in rows)
+        a = first.a.new_zeros((len(rows), rank, *first.a.shape[1:]))
+        b = first.b.new_zeros((len(rows), first.b.shape[0], rank))
+        for i, row in enumerate(rows):
+            start = 0
+            for lora, factor in row:
+                r = lora.a.shape[0]
+                a[i, start : start + r] = lora.a
+                b[i, :, start : start + r] = lora.b.flatten(1) * (lora.scaling * factor)
+                start += r
+        if first.conv is None:
+            return cls(a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous(), None)
+        return cls(a.flatten(0, 1), b.flatten(0, 1)[..., None, None], first.conv)
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """output += each row's lora_B(lora_A(x_row)): the same few operations whatever the rows run with."""
+        rows = x.shape[0]
+        if self.conv is None:
+            down = torch.bmm(x.reshape(rows, -1, x.shape[-1]), self.a)
+            if output.is_contiguous():
+                output.view(rows, -1, output.shape[-1]).baddbmm_(down, self.b)
+                return output
+            return output.add_(torch.bmm(down, self.b).view(output.shape))
+        stride, padding, dilation = self.conv
+        down = F.conv2d(x.reshape(1, -1, *x.shape[2:]), self.a, None, stride, padding, dilation, groups=rows)
+        up = F.conv2d(down, self.b, groups=rows)
+        return output.add_(up.view(output.shape))
+
+
+@dataclass
 class BatchPlan:
     """The adapters, each with its scale, of every sample of one pipeline call (none, one or several).
 
@@ -93,37 +141,46 @@ class BatchPlan:
     """
 
     samples: Sequence[Sequence[tuple[AdapterSlot, float]]]
-    _groups: dict[tuple[int, torch.device], list[tuple[AdapterSlot, float, torch.Tensor | None]]] = field(
-        default_factory=dict
-    )
+    # Per module name and batch size: the one (lora, scale) every row runs with, else the rows' stack; None
+    # where no row's adapters adapt that module.
+    _deltas: dict[tuple[str, int], tuple[ModuleLora, float] | LoraStack | None] = field(default_factory=dict)
 
     @property
     def has_adapters(self) -> bool:
         return any(self.samples)
 
-    def groups(self, batch: int, device: torch.device) -> list[tuple[AdapterSlot, float, torch.Tensor | None]]:
-        """(slot, scale, row index or None for "all rows") for a batch of `batch` rows: every row that runs
-        with an adapter at a scale, whatever else it runs with (the deltas of a sample's adapters add up).
+    @property
+    def uniform(self) -> bool:
+        """Every sample runs with the same one adapter at the same scale."""
+        first = self.samples[0]
+        return len(first) == 1 and all(
+            len(combo) == 1 and combo[0][0] is first[0][0] and combo[0][1] == first[0][1] for combo in self.samples
+        )
+
+    def for_module(self, name: str, batch: int) -> tuple[ModuleLora, float] | LoraStack | None:
+        """What module `name` adds for a batch of `batch` rows, made at its first step and kept for the others.
 
         Classifier-free guidance runs the denoiser on [uncond; cond], i.e. the samples repeated, and text
         encoders run on the prompts, then on the negative prompts: so row j belongs to sample j % len(samples).
         """
-        cached = self._groups.get((batch, device))
-        if cached is not None:
-            return cached
+        key = (name, batch)
+        if key not in self._deltas:
+            self._deltas[key] = self._make_delta(name, batch)
+        return self._deltas[key]
+
+    def _make_delta(self, name: str, batch: int) -> tuple[ModuleLora, float] | LoraStack | None:
         n = len(self.samples)
         if batch % n:
             raise RuntimeError(f"batch of {batch} rows is not a multiple of the {n} planned samples")
-        rows: dict[tuple[int, float], tuple[AdapterSlot, list[int]]] = {}
-        for row in range(batch):
-            for slot, scale in self.samples[row % n]:
-                rows.setdefault((id(slot), scale), (slot, []))[1].append(row)
-        groups = [
-            (slot, scale, None if len(idx) == batch else torch.tensor(idx, device=device))
-            for (_, scale), (slot, idx) in rows.items()
+        per_sample = [
+            [(lora, scale) for slot, scale in combo if (lora := slot.modules.get(name)) is not None]
+            for combo in self.samples
         ]
-        self._groups[(batch, device)] = groups
-        return groups
+        if not any(per_sample):
+            return None
+        if self.uniform:
+            return per_sample[0][0]
+        return LoraStack.of([per_sample[row % n] for row in range(batch)])
 
 
 class MultiLora:
@@ -219,10 +276,12 @@ class MultiLora:
             if plan is None:
                 return None
             x = args[0]
-            for slot, scale, index in plan.groups(x.shape[0], x.device):
-                lora = slot.modules.get(name)
-                if lora is not None:
-                    output = lora.add_to(output, x, lora.scaling * scale, index)
-            return output
+            delta = plan.for_module(name, x.shape[0])
+            if delta is None:
+                return None
+            if isinstance(delta, LoraStack):
+                return delta.add_to(output, x)
+            lora, scale = delta
+            return lora.add_to(output, x, lora.scaling * scale)
 
         return hook

@@ -96,6 +96,7 @@ class SafetensorsFile:
         self.file = file
         self._max_tensors = max_tensors
         self._handle = open_regular(file, may_open)
+        self._data: torch.Tensor | None = None  # the data region, once read
         try:
             opened = os.fstat(self._handle.fileno())
             self._size = opened.st_size
@@ -117,6 +118,21 @@ class SafetensorsFile:
         """What reading every tensor allocates."""
         return sum(info.end - info.begin for info in self.header.tensors.values())
 
+    def values_read(self) -> torch.Tensor | None:
+        """The data region of the last `read`, as elements of the float dtype most of its bytes hold: one tensor
+        whose largest |value| bounds every tensor of that dtype (other bytes read as that dtype may show as NaN
+        or huge, never as smaller). None before a read or without a float tensor."""
+        data = self._data
+        sizes: dict[str, int] = {}
+        for info in self.header.tensors.values():
+            if _TORCH_DTYPES[info.dtype].is_floating_point:
+                sizes[info.dtype] = sizes.get(info.dtype, 0) + info.end - info.begin
+        if data is None or not sizes:
+            return None
+        dtype = max(sizes, key=lambda name: sizes[name])
+        usable = data.numel() - data.numel() % DTYPE_SIZES[dtype]
+        return data[:usable].view(_TORCH_DTYPES[dtype])
+
     def read(self) -> dict[str, torch.Tensor]:
         """Every tensor. The data region is read once, straight into the memory the tensors then view (the
         file's bytes are never held twice); only now, after the caller judged the header."""
@@ -135,6 +151,7 @@ class SafetensorsFile:
             )
         if again != self._prefix or stamp_of(os.fstat(self._handle.fileno())) != self.stamp:
             raise InvalidArgument(f"{file} changed while it was being read; retry once it is written")
+        self._data = data
         tensors: dict[str, torch.Tensor] = {}
         for key, info in self.header.tensors.items():
             dtype = _TORCH_DTYPES[info.dtype]

@@ -2,9 +2,9 @@
 
 Plain jobs (model load, hook installs) run on the worker's thread, in arrival order. Batchable jobs
 (generate requests) that share a batch key run together: the worker takes the oldest job in the queue and
-adds every queued job with the same key, oldest first, up to `max_batch_size` samples. The oldest job
-always goes next, so no request waits behind a stream of other shapes; and nothing waits for company: a
-lone request starts at once.
+adds queued jobs with the same key, oldest first, up to the size its `BatchSizer` gives (at most
+`max_batch_size` samples; by default as many as fit). The oldest job always goes next, so no request waits
+behind a stream of other shapes; and nothing waits for company: a lone request starts at once.
 
 A batch runs on a thread of its own. While one runs, a batch much shorter than what is left of every
 running one (fewer than half their remaining steps) starts beside it instead of waiting, up to
@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from omni_grpc.engine.batch_sizer import BatchSizer
 from omni_grpc.engine.turns import Turns
 from omni_grpc.errors import Unavailable
 
@@ -58,8 +59,14 @@ RunBatch = Callable[[list[BatchItem[P]]], None]
 
 
 class Worker(Generic[P]):
-    def __init__(self, max_batch_size: int = 1, max_running_batches: int = 1, name: str = "omni-worker") -> None:
-        self.max_batch_size = max_batch_size
+    def __init__(
+        self,
+        max_batch_size: int = 1,
+        max_running_batches: int = 1,
+        name: str = "omni-worker",
+        sizer: BatchSizer | None = None,
+    ) -> None:
+        self.sizer = sizer or BatchSizer(max_batch_size, policy="fill")
         self.max_running_batches = max(1, max_running_batches)
         self.turns = Turns()
         self._run_batch: RunBatch[P] | None = None
@@ -151,11 +158,13 @@ class Worker(Generic[P]):
     def _form_batch(self) -> list[BatchItem[P]]:
         head = self._queue.popleft()
         assert isinstance(head, BatchItem)
+        mates = [item for item in self._queue if isinstance(item, BatchItem) and item.key == head.key]
+        limit = self.sizer.size(head.key, head.size, head.size + sum(item.size for item in mates))
         batch, size = [head], head.size
-        for item in list(self._queue):
-            if size >= self.max_batch_size:
+        for item in mates:
+            if size >= limit:
                 break
-            if isinstance(item, BatchItem) and item.key == head.key and size + item.size <= self.max_batch_size:
+            if size + item.size <= limit:
                 self._queue.remove(item)
                 batch.append(item)
                 size += item.size

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 # From their modules: `from diffusers import ...` names dummy classes when read by a type checker.
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
@@ -45,6 +47,8 @@ class TinySD3Spec:
     patch_size: int = 2
     pos_embed_max_size: int = 96  # in patches; bounds the largest supported resolution
     qk_norm: str | None = None  # None like SD3-medium; "rms_norm" like SD3.5
+    # Blocks with MMDiT-X's second self-attention (SD3.5-medium: the first 13); none like SD3.
+    dual_attention_layers: tuple[int, ...] = ()
     # VAE
     latent_channels: int = 16  # SD3 uses a 16-channel latent space
     # Four blocks: 8x downsampling as in real SD3, so 1024x1024 (the guide's size) costs 4096 tokens.
@@ -112,8 +116,32 @@ SMALL_SD3 = TinySD3Spec(
     clip_num_heads=4,
 )
 
+# The GPU check's model: SD3.5-medium's geometry (24 blocks of 24 heads x 64, the first 13 with a second
+# attention, RMS-normed q/k, 1024x1024 images as 4096 tokens, 4096-wide text and 2048-wide pooled embeddings,
+# SD3's VAE widths) with random weights; its two CLIPs are one layer deep, their width set by those embeddings.
+SD35_MEDIUM_GEOMETRY = TinySD3Spec(
+    num_layers=24,
+    num_attention_heads=24,
+    attention_head_dim=64,
+    sample_size=128,
+    patch_size=2,
+    pos_embed_max_size=384,
+    qk_norm="rms_norm",
+    dual_attention_layers=tuple(range(13)),
+    vae_block_out_channels=(128, 256, 512, 512),
+    vae_layers_per_block=2,
+    vae_norm_num_groups=32,
+    clip_hidden_size=2048,
+    clip_projection_dim=1024,
+    clip_intermediate_size=2048,
+    clip_num_layers=1,
+    clip_num_heads=16,
+)
 
-def build_tiny_sd3(out_dir: Path, spec: TinySD3Spec = TinySD3Spec(), seed: int = 0) -> Path:
+
+def build_tiny_sd3(
+    out_dir: Path, spec: TinySD3Spec = TinySD3Spec(), seed: int = 0, dtype: torch.dtype | None = None
+) -> Path:
     """Build a random-weight StableDiffusion3Pipeline (no T5) and save it to ``out_dir``.
 
     Load it with ``StableDiffusion3Pipeline.from_pretrained(out_dir, text_encoder_3=None,
@@ -137,6 +165,7 @@ def build_tiny_sd3(out_dir: Path, spec: TinySD3Spec = TinySD3Spec(), seed: int =
             pooled_projection_dim=spec.pooled_projection_dim,
             pos_embed_max_size=spec.pos_embed_max_size,
             qk_norm=spec.qk_norm,
+            dual_attention_layers=spec.dual_attention_layers,
         )
 
     text_config = clip_config(
@@ -187,6 +216,8 @@ def build_tiny_sd3(out_dir: Path, spec: TinySD3Spec = TinySD3Spec(), seed: int =
         text_encoder_3=None,  # type: ignore[arg-type]
         tokenizer_3=None,
     )
+    if dtype is not None:  # saved as the model runs (a large model's float32 copy is twice the disk and reading)
+        pipe.to(dtype)
     save_quietly(pipe, out_dir)
     replace_tokenizer(out_dir, "tokenizer")
     replace_tokenizer(out_dir, "tokenizer_2")
