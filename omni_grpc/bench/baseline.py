@@ -29,9 +29,7 @@ class DiffusersBaseline:
         index = json.loads((model / "model_index.json").read_text())
         # Components saved as [null, null] (SD3 without T5) are passed as None, or from_pretrained raises.
         absent = {key: None for key, value in index.items() if isinstance(value, list) and value == [None, None]}
-        self.pipe = DiffusionPipeline.from_pretrained(
-            str(model), local_files_only=True, dtype=dtype, **absent
-        ).to(dev)
+        self.pipe = DiffusionPipeline.from_pretrained(str(model), local_files_only=True, dtype=dtype, **absent).to(dev)
         self.pipe.set_progress_bar_config(disable=True)
         denoiser = getattr(self.pipe, "transformer", None) or self.pipe.unet
         self.names: dict[Path, str] = {}
