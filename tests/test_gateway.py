@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -513,3 +514,29 @@ def test_every_grpc_status_maps_to_its_http_status(
     body = {"messages": [{"role": "user", "content": grpc_status}]}
     error = assert_error(echo_gateway.post("/v1/chat/completions", body), http_status, code=grpc_status.lower())
     assert error["type"] == error_type
+
+
+def test_an_unexpected_failure_is_a_500_error_object_and_its_log_line_escapes_the_path(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+
+    from omni_grpc_gateway.app import create_app
+
+    app = create_app()
+
+    @app.get("/boom/{rest:path}")
+    async def boom(rest: str) -> None:
+        raise RuntimeError("a bug")
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            return await client.get("/boom/x%1b[31mred")
+
+    with caplog.at_level(logging.ERROR, logger="omni_grpc_gateway"):
+        response = asyncio.run(call())
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "internal error; the gateway logged the details"
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unexpected failure")]
+    assert line == "unexpected failure in GET /boom/x\\x1b[31mred"  # ESC escaped: no terminal colours

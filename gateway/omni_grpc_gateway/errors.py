@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from omni_grpc_gateway.log_values import loggable
 from omni_grpc_gateway.schemas.errors import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -143,5 +144,5 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, _exc: Exception) -> JSONResponse:
-        log.exception("unexpected failure in %s %s", request.method, request.url.path)
+        log.exception("unexpected failure in %s %s", loggable(request.method), loggable(request.url.path))
         return error_response(500, "internal error; the gateway logged the details")

@@ -12,17 +12,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omni_grpc_gateway.errors import ApiError, error_response
 from omni_grpc_gateway.form_bodies import FORM_TYPES
+from omni_grpc_gateway.log_values import loggable
 from omni_grpc_gateway.metrics import UNMATCHED, GatewayMetrics
 
 log = logging.getLogger("omni_grpc_gateway.access")
-# Longest client value in a log line.
-_MAX_LOGGED = 200
-
-
-def _loggable(value: object) -> str:
-    """A client's value for the log: control characters escaped (no forged lines, no terminal escapes), cut."""
-    text = repr(str(value))[1:-1]
-    return text if len(text) <= _MAX_LOGGED else text[:_MAX_LOGGED] + "...(cut)"
 
 
 class BodyLimit:
@@ -107,11 +100,11 @@ class AccessLog:
             self.metrics.observe(route, status, seconds)
             state = Request(scope).state
             fields = {
-                "method": _loggable(scope["method"]),
-                "path": _loggable(scope["path"]),
+                "method": loggable(scope["method"]),
+                "path": loggable(scope["path"]),
                 "route": route,
                 "status": status,
-                "adapter": _loggable(getattr(state, "adapter", "-")),
+                "adapter": loggable(getattr(state, "adapter", "-")),
                 "images": getattr(state, "images", "-"),
                 "ms": round(seconds * 1000, 1),
             }
