@@ -89,3 +89,14 @@ def test_a_fill_policy_ignores_costs_and_an_unknown_policy_is_refused() -> None:
     assert sizer.size("shape", 1, 8) == 8
     with pytest.raises(ValueError, match="batch policy must be one of learned, fill, not 'biggest'"):
         BatchSizer(8, policy="biggest")
+
+
+def test_the_shapes_it_remembers_are_bounded_least_recently_used_first() -> None:
+    sizer = BatchSizer(8, max_shapes=3)
+    for key in ("a", "b", "c", "d"):  # clients choose the shapes: a flood of new ones must not grow it
+        for seconds in (9.0, 1.0):
+            sizer.observe(key, 1, seconds)
+    assert list(sizer.learned()) == ["b", "c", "d"]
+    sizer.size("b", 1, 4)  # asked about: the most recently used now
+    sizer.observe("e", 1, 9.0)
+    assert list(sizer.learned()) == ["d", "b"]  # "c" went; "e" has had only its warm-up call

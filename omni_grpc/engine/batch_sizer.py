@@ -21,8 +21,18 @@ import collections
 import statistics
 import threading
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 POLICIES = ("learned", "fill")
+
+
+@dataclass
+class _Shape:
+    """What one batch key has shown: whether its warm-up call ran, its batches formed, its calls' seconds."""
+
+    warmed: bool = False
+    formed: int = 0
+    costs: dict[int, collections.deque[float]] = field(default_factory=dict)
 
 
 class BatchSizer:
@@ -34,6 +44,7 @@ class BatchSizer:
         explore_every: int = 16,
         tolerance: float = 0.03,
         window: int = 5,
+        max_shapes: int = 256,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"batch policy must be one of {', '.join(POLICIES)}, not {policy!r}")
@@ -43,10 +54,9 @@ class BatchSizer:
         self._tolerance = tolerance
         self._window = window
         self._lock = threading.Lock()
-        # key -> samples -> the seconds of its last pipeline calls.
-        self._costs: dict[Hashable, dict[int, collections.deque[float]]] = {}
-        self._formed: collections.Counter[Hashable] = collections.Counter()
-        self._warmed: set[Hashable] = set()
+        # The shapes seen, least recently used first; bounded, since clients choose the shapes.
+        self._shapes: collections.OrderedDict[Hashable, _Shape] = collections.OrderedDict()
+        self._max_shapes = max_shapes
 
     def size(self, key: Hashable, head: int, waiting: int) -> int:
         """Samples the next batch of `key` takes: at least the head request's `head`, at most the `waiting`
@@ -55,9 +65,10 @@ class BatchSizer:
         if self.policy == "fill" or cap == head:
             return cap
         with self._lock:
-            costs = {n: statistics.median(times) for n, times in self._costs.get(key, {}).items()}
-            self._formed[key] += 1
-            formed = self._formed[key]
+            shape = self._shape_locked(key)
+            costs = {n: statistics.median(times) for n, times in shape.costs.items()}
+            shape.formed += 1
+            formed = shape.formed
         if not costs:
             return cap
         best = self._best(costs, head, cap)
@@ -73,18 +84,28 @@ class BatchSizer:
         if seconds <= 0:
             return
         with self._lock:
-            if key not in self._warmed:  # a shape's first call pays one-time costs (allocations, kernel choice)
-                self._warmed.add(key)
+            shape = self._shape_locked(key)
+            if not shape.warmed:  # a shape's first call pays one-time costs (allocations, kernel choice)
+                shape.warmed = True
                 return
-            times = self._costs.setdefault(key, {}).setdefault(samples, collections.deque(maxlen=self._window))
-            times.append(seconds)
+            shape.costs.setdefault(samples, collections.deque(maxlen=self._window)).append(seconds)
+
+    def _shape_locked(self, key: Hashable) -> _Shape:
+        shape = self._shapes.get(key)
+        if shape is None:
+            shape = self._shapes[key] = _Shape()
+            if len(self._shapes) > self._max_shapes:
+                self._shapes.popitem(last=False)
+        self._shapes.move_to_end(key)
+        return shape
 
     def learned(self) -> dict[Hashable, dict[int, float]]:
         """Per batch key, the median seconds of a call of each size measured."""
         with self._lock:
             return {
-                key: {n: statistics.median(times) for n, times in sorted(sizes.items())}
-                for key, sizes in self._costs.items()
+                key: {n: statistics.median(times) for n, times in sorted(shape.costs.items())}
+                for key, shape in self._shapes.items()
+                if shape.costs
             }
 
     def _best(self, costs: dict[int, float], head: int, cap: int) -> int:
