@@ -50,7 +50,7 @@ def zipf_trace(adapters: list[Path], requests: int, exponent: float = 1.1, seed:
 
 
 def run_cluster_bench(args: argparse.Namespace, cache: Path) -> int:
-    adapters_count, requests, device = (8, 24, 2) if args.quick else (32, 320, 4)
+    adapters_count, requests, device = (8, 24, 2) if args.quick or args.smoke else (32, 320, 4)
     with tempfile.TemporaryDirectory(prefix="omni-cluster-bench-") as tmp:
         root = Path(tmp)
         adapters = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 import grpc
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file as save_safetensors
 from torch.profiler import ProfilerActivity, profile
 
 from omni_grpc.bench.baseline import DiffusersBaseline
@@ -392,24 +394,38 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def cold_load_and_memory(model: BenchModel, root: Path, *, count: int, rank: int) -> list[Row]:
-    """A cold load from disk against a plain read of the same file; resident memory per adapter."""
+    """A cold load from disk against a plain read of the same file: for fine-tunes of one recipe (one layout,
+    judged once) and for adapters each of a layout not seen before; resident memory per adapter."""
     paths = adapter_set(root, model, count, rank=rank)
-    engine = _engine(model, max_device_adapters=count + 1)
+    # The same adapters, each file's header made its own (a metadata entry): every load judges a new layout.
+    unseen = []
+    for i, path in enumerate(paths):
+        copy = root / f"{path.name}-unseen"
+        shutil.copytree(path, copy, dirs_exist_ok=True)
+        file = copy / "adapter_model.safetensors"
+        save_safetensors(load_safetensors(file.read_bytes()), str(file), metadata={"format": "pt", "tenant": str(i)})
+        unseen.append(copy)
+    engine = _engine(model, max_device_adapters=2 * count + 1)
     try:
         engine.load_adapter(str(paths[0]))  # warm-up: first hooks, allocator
         engine.unload_adapter(path=str(paths[0]))
-        ours, plain = [], []
-        for path in paths[1:]:
-            file = path / "adapter_model.safetensors"
-            plain.append(_median_time(functools.partial(_read_tensors, file), 1))
-            started = time.perf_counter()
-            engine.load_adapter(str(path))
-            ours.append(time.perf_counter() - started)
+        ours: list[float] = []
+        plain: list[float] = []
+        ours_unseen: list[float] = []
+        plain_unseen: list[float] = []
+        for recipe, new in zip(paths[1:], unseen[1:], strict=True):
+            for path, times, reads in ((recipe, ours, plain), (new, ours_unseen, plain_unseen)):
+                file = path / "adapter_model.safetensors"
+                reads.append(_median_time(functools.partial(_read_tensors, file), 1))
+                started = time.perf_counter()
+                engine.load_adapter(str(path))
+                times.append(time.perf_counter() - started)
         disk = sum((p / "adapter_model.safetensors").stat().st_size for p in paths[1:]) / (count - 1)
-        per_adapter = engine.lora.resident_bytes() / (count - 1)
+        per_adapter = engine.lora.resident_bytes() / (2 * (count - 1))
     finally:
         engine.close()
     load_ratio = statistics.median(ours) / statistics.median(plain)
+    unseen_ratio = statistics.median(ours_unseen) / statistics.median(plain_unseen)
     return [
         Row(
             f"cold load vs plain read of the file into tensors ({model.name}, rank {rank}, {disk / 1024:.0f} KiB)",
@@ -419,7 +435,17 @@ def cold_load_and_memory(model: BenchModel, root: Path, *, count: int, rank: int
             load_ratio,
             "<= 1.5",
             load_ratio <= 1.5,
-            "read + validate + fit check + attach, per adapter",
+            "read + validate + fit check + attach, per adapter; one recipe: the layout is judged once",
+        ),
+        Row(
+            f"cold load of a layout not seen before vs plain read ({model.name}, rank {rank}, {disk / 1024:.0f} KiB)",
+            statistics.median(ours_unseen),
+            statistics.median(plain_unseen),
+            "s",
+            unseen_ratio,
+            "<= 1.5",
+            unseen_ratio <= 1.5,
+            "each file's header its own: header, layout and fit judged at every load",
         ),
         Row(
             f"resident memory per loaded adapter vs its size on disk ({model.name}, rank {rank})",

@@ -1,11 +1,11 @@
 """A client's gRPC deadline, carried through Serve's gRPC proxy to the replica.
 
 Serve's proxy copies the caller's metadata into the `RayServegRPCContext` the ingress receives, but not the
-call's deadline (gRPC keeps it out of the metadata). `carry_grpc_deadlines` runs as the cluster's worker
-setup hook, in every worker process of the job (Serve's proxy included), and makes each such context record
-the deadline too, as wall-clock time: the proxy and the ingress may be different processes, or nodes.
-Where it did not run (a Serve instance started by another job) a deadline still ends the call, as a
-cancellation.
+call's deadline (gRPC keeps it out of the metadata). `carry_grpc_deadlines` runs as part of the cluster's
+worker setup hook (`worker_setup`), in every worker process of the job (Serve's proxy included), and makes
+each such context record the deadline too, as wall-clock time: the proxy and the ingress may be different
+processes, or nodes. Where it did not run (a Serve instance started by another job) a deadline still ends
+the call, as a cancellation.
 """
 
 from __future__ import annotations

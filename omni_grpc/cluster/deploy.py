@@ -22,7 +22,7 @@ ROUTERS = {
     "load": "omni_grpc.cluster.router.LoadOnlyRouter",
 }
 # Run in every worker process of the job, Serve's gRPC proxy included.
-SETUP_HOOK = "omni_grpc.cluster.deadlines.carry_grpc_deadlines"
+SETUP_HOOK = "omni_grpc.cluster.worker_setup.setup"
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from omni_grpc.engine.adapter_files import AdapterLayout, AdapterReader
-from omni_grpc.engine.adapter_math import Shape
+from omni_grpc.engine.adapter_files import AdapterLayout, AdapterReader, LayoutMemo
+from omni_grpc.engine.adapter_math import ModuleFit
 from omni_grpc.engine.adapters import LoadedAdapter, Tier
 from omni_grpc.engine.file_layouts import Naming
 from omni_grpc.engine.lora_set import LoraSet
@@ -96,13 +96,11 @@ class PipelineFit:
         self.max_abs_weight = lora.max_abs_weight
         self.max_tensors = lora.max_tensors
 
-    def check(self, layout: AdapterLayout) -> dict[str, Shape]:
-        deltas = self._lora.check_layout(layout)  # names the first module that does not fit: the most useful refusal
-        # The file's tensors as read, then their exact pairs (float32; the same memory for a float32 LoRA), from
-        # which the slots are made in the model's dtype.
-        nbytes = layout.nbytes + self._lora.pair_bytes(layout, deltas)
-        self._session.reserve(nbytes, f"adapter {layout.path!r}")
-        return deltas
+    def check(self, layout: AdapterLayout) -> dict[str, ModuleFit]:
+        return self._lora.check_layout(layout)  # names the first module that does not fit: the most useful refusal
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        self._session.reserve(nbytes, what)
 
 
 class PipelineAdapters:
@@ -114,13 +112,17 @@ class PipelineAdapters:
         self._max_rank = max_rank
         self._paths = paths
         self.budget = budget
+        # The model's verdicts on layouts it accepted: the model and max_rank never change for this backend.
+        self._layouts = LayoutMemo()
 
     def load(self, path: str, internal_name: str, expert: str = "") -> LoadedAdapter:
         # Operators' adapters (--lora-path) may live anywhere; clients' only inside --lora-dirs.
         may_open = None if self._paths.is_operator_path(path) else self._paths.may_open
         with self.budget.session() as session:
             fit = PipelineFit(self._lora, session)
-            reader = AdapterReader(max_rank=self._max_rank, may_open=may_open, fit=fit, expert=expert or None)
+            reader = AdapterReader(
+                max_rank=self._max_rank, may_open=may_open, fit=fit, expert=expert or None, memo=self._layouts
+            )
             weights = reader.read(path)
             slots = self._lora.make_slots(weights)
             loaded = LoadedAdapter(

@@ -12,6 +12,7 @@ memory is returned at once).
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -22,12 +23,14 @@ from typing import Any, Protocol
 import torch
 
 from omni_grpc.engine import adapter_math, file_layouts, peft_config
-from omni_grpc.engine.adapter_math import Shape
+from omni_grpc.engine.adapter_math import ModuleFit, Shape
 from omni_grpc.engine.file_layouts import ModuleSource, Naming, NoModel
+from omni_grpc.engine.memo import Memo
 from omni_grpc.engine.safetensors_reader import (
     FLOAT_DTYPES,
     MAX_TENSORS,
     FileStamp,
+    HeaderMemo,
     MayOpen,
     SafetensorsFile,
     TensorInfo,
@@ -53,6 +56,9 @@ MAX_SCALING = peft_config.MAX_SCALING
 MAX_RANK_FLAG = peft_config.MAX_RANK_FLAG
 # One adapted module of one component of the pipeline: ("unet", "mid_block.attentions.0.proj_in").
 ModuleKey = tuple[str, str]
+_DOWN, _UP = "lora_down.weight", "lora_up.weight"
+# What a label in a magnitude check renders as: before + the quoted name + after (made only on failure).
+Label = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,36 @@ class AdapterLayout:
         return {role: self.infos[key].shape for role, key in source.keys.items()}
 
 
+@dataclass(frozen=True)
+class FittedLayout:
+    """A layout the model accepted, and what reading it makes: the same for every file of the same header bytes
+    and config (see LayoutMemo)."""
+
+    layout: AdapterLayout
+    # Per module (by its name in the file): the weight its delta is for, and its exact pair's shapes.
+    fits: Mapping[str, ModuleFit]
+    # Per source, in order: the rank it declares.
+    ranks: tuple[int, ...]
+    # What a load allocates: the file's tensors as read, and their exact pairs in float32.
+    nbytes: int
+    alpha: float | None
+    targets: tuple[str, ...]
+
+
+# (layout kind, header bytes, file size, config, expert) -> the verdict for them.
+LayoutKey = tuple[str, bytes, int, str, str | None]
+
+
+class LayoutMemo:
+    """What one engine's model said of the layouts it accepted, and the headers checked on the way: fine-tunes
+    of one recipe share both byte for byte, and judging them again costs more than a small adapter's read.
+    Only what the header and config decide is kept; every load still opens, reads and checks its own data."""
+
+    def __init__(self, entries: int = 32) -> None:
+        self.headers: HeaderMemo = Memo(entries)
+        self.fitted: Memo[LayoutKey, FittedLayout] = Memo(entries)
+
+
 class ModelFit(Protocol):
     """What the base model accepts, judged from an adapter's layout before its tensors are read."""
 
@@ -84,9 +120,13 @@ class ModelFit(Protocol):
     max_tensors: int
     naming: Naming
 
-    def check(self, layout: AdapterLayout) -> dict[str, Shape]:
-        """The weight shape each module of the file makes a delta for (by its name in the file), all its target
-        rows counted; raise an OmniError (FailedPrecondition, ResourceExhausted, ...) if it cannot be loaded."""
+    def check(self, layout: AdapterLayout) -> dict[str, ModuleFit]:
+        """How each module of the file (by its name in the file) goes into the model; raise an OmniError
+        (FailedPrecondition, ...) if it cannot be loaded. A pure verdict: the same layout always gets the same
+        one."""
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """Room for a load's `nbytes`, before they are read (ResourceExhausted when there is none)."""
 
 
 @dataclass
@@ -131,10 +171,14 @@ class AdapterReader:
         may_open: MayOpen | None = None,
         fit: ModelFit | None = None,
         expert: str | None = None,
+        memo: LayoutMemo | None = None,
     ) -> None:
         self.max_rank = max_rank
         self.may_open = may_open
         self.fit = fit
+        # Verdicts of `fit` (and checked headers) by the bytes that decided them: one memo per model and
+        # max_rank, shared by its readers.
+        self.memo = memo
         self.naming: Naming = fit.naming if fit is not None else NoModel()
         self.max_tensors = fit.max_tensors if fit is not None else MAX_TENSORS
         # The denoiser the file's denoiser modules go into (Wan 2.2's transformer_2); None: the model's first.
@@ -208,38 +252,83 @@ class AdapterReader:
         config, config_stamp = read_json(config_path, MAX_CONFIG_BYTES, self.may_open)
         config = _lora_config(config, config_path)
         peft_config.check_config(config, config_path, self.max_rank)  # a bad config costs no tensor read
-        with open_safetensors(weights_path, self.may_open, self.max_tensors) as weights:
-            infos = weights.header.tensors
-            with paused_gc():  # a layout of thousands of modules (see paused_gc)
-                self._check_ranks_and_dtypes(infos, weights_path, None)
-                sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
-                sources = _configured(sources, infos, config, config_path)
-                layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos)
-            adapter = self._load(weights, self._fit(layout), _display_alpha(config), _display_targets(config, sources))
+        with self._open(weights_path) as weights:
+            key: LayoutKey = ("peft", weights.raw_header, weights.size, json.dumps(config, sort_keys=True), self.expert)
+            fitted = self._remembered(key, str(folder), weights_path)
+            if fitted is None:
+                infos = weights.header.tensors
+                with paused_gc():  # a layout of thousands of modules (see paused_gc)
+                    self._check_ranks_and_dtypes(infos, weights_path, None)
+                    sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
+                    sources = _configured(sources, infos, config, config_path)
+                    layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos)
+                    targets = _display_targets(config, sources)
+                    fitted = self._fitted(key, layout, _display_alpha(config), targets)
+            adapter = self._load(weights, fitted)
         if current_stamp(config_path) != config_stamp:  # half an old config with new weights is no adapter
             raise InvalidArgument(f"{config_path} changed while the adapter was being read; retry once it is written")
         adapter.files = ((str(config_path), config_stamp), *adapter.files)
         return adapter
 
     def _read_file(self, file: Path, path: str) -> AdapterWeights:
-        with open_safetensors(file, self.may_open, self.max_tensors) as weights:
-            infos = weights.header.tensors
-            with paused_gc():  # a layout of thousands of modules (see paused_gc)
-                fmt = file_layouts.kind_of(infos, in_peft_folder=False)
-                if fmt is None:
-                    raise file_layouts.unknown_layout(file, infos)
-                if fmt is AdapterFormat.DIFFUSERS:
-                    sources, alpha, targets = self._diffusers_layout(weights, file)
-                elif fmt is AdapterFormat.DIFFUSERS_OLD:
-                    sources = file_layouts.old_diffusers_sources(infos, file, self.naming)
-                    alpha, targets = None, _display_targets({}, sources)
-                else:
-                    sources = file_layouts.kohya_sources(infos, file, self.naming)
-                    alpha, targets = None, _display_targets({}, sources)
-                if fmt is not AdapterFormat.DIFFUSERS:  # (a diffusers file's were checked before its config)
-                    self._check_ranks_and_dtypes(infos, file, sources)
-                layout = AdapterLayout(path, fmt, file, tuple(sources), infos)
-            return self._load(weights, self._fit(layout), alpha, targets)
+        with self._open(file) as weights:
+            key: LayoutKey = ("file", weights.raw_header, weights.size, "", self.expert)
+            fitted = self._remembered(key, path, file)
+            if fitted is None:
+                with paused_gc():  # a layout of thousands of modules (see paused_gc)
+                    fitted = self._fitted(key, *self._file_layout(weights, file, path))
+            return self._load(weights, fitted)
+
+    def _file_layout(
+        self, weights: SafetensorsFile, file: Path, path: str
+    ) -> tuple[AdapterLayout, float | None, list[str]]:
+        infos = weights.header.tensors
+        fmt = file_layouts.kind_of(infos, in_peft_folder=False)
+        if fmt is None:
+            raise file_layouts.unknown_layout(file, infos)
+        if fmt is AdapterFormat.DIFFUSERS:
+            sources, alpha, targets = self._diffusers_layout(weights, file)
+        elif fmt is AdapterFormat.DIFFUSERS_OLD:
+            sources = file_layouts.old_diffusers_sources(infos, file, self.naming)
+            alpha, targets = None, _display_targets({}, sources)
+        else:
+            sources = file_layouts.kohya_sources(infos, file, self.naming)
+            alpha, targets = None, _display_targets({}, sources)
+        if fmt is not AdapterFormat.DIFFUSERS:  # (a diffusers file's were checked before its config)
+            self._check_ranks_and_dtypes(infos, file, sources)
+        return AdapterLayout(path, fmt, file, tuple(sources), infos), alpha, targets
+
+    def _open(self, file: Path) -> SafetensorsFile:
+        headers = self.memo.headers if self.memo is not None else None
+        return open_safetensors(file, self.may_open, self.max_tensors, headers)
+
+    def _remembered(self, key: LayoutKey, path: str, file: Path) -> FittedLayout | None:
+        """The model's verdict on a layout it judged before (for this file and path), room reserved for it."""
+        fitted = self.memo.fitted.get(key) if self.memo is not None else None
+        if fitted is None:
+            return None
+        fitted = replace(fitted, layout=replace(fitted.layout, path=path, file=file))
+        self._reserve(fitted)
+        return fitted
+
+    def _fitted(self, key: LayoutKey, layout: AdapterLayout, alpha: float | None, targets: list[str]) -> FittedLayout:
+        """The layout as it goes into the model (into its expert), and the model's verdict: each module's delta
+        shape (or the refusal), before a byte of tensor data is read; room reserved for what the read makes."""
+        if self.expert is not None and self.expert != self.naming.denoiser:
+            sources = file_layouts.into_expert(layout.sources, self.naming.denoiser, self.expert, layout.file)
+            layout = replace(layout, sources=sources)
+        fits = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
+        ranks = tuple(adapter_math.declared_rank(s.algorithm, layout.shapes(s)) for s in layout.sources)
+        pair_bytes = sum(4 * (math.prod(fit.a) + math.prod(fit.b)) for fit in fits.values())
+        fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets))
+        if self.memo is not None:
+            self.memo.fitted.put(key, fitted)
+        self._reserve(fitted)
+        return fitted
+
+    def _reserve(self, fitted: FittedLayout) -> None:
+        if self.fit is not None:
+            self.fit.reserve(fitted.nbytes, f"adapter {fitted.layout.path!r}")
 
     def _diffusers_layout(self, weights: SafetensorsFile, file: Path) -> tuple[list[ModuleSource], float, list[str]]:
         """`save_lora_weights` files: each component's keys under its name, its LoraConfig in the metadata."""
@@ -315,50 +404,42 @@ class AdapterReader:
 
     # ---- reading ------------------------------------------------------------------------------------
 
-    def _fit(self, layout: AdapterLayout) -> tuple[AdapterLayout, dict[str, Shape]]:
-        """The layout as it goes into the model (into its expert), and the model's verdict: each module's delta
-        shape (or the refusal), before a byte of tensor data is read."""
-        if self.expert is not None and self.expert != self.naming.denoiser:
-            sources = file_layouts.into_expert(layout.sources, self.naming.denoiser, self.expert, layout.file)
-            layout = replace(layout, sources=sources)
-        return layout, self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
-
-    def _load(
-        self,
-        weights: SafetensorsFile,
-        fitted: tuple[AdapterLayout, dict[str, Shape]],
-        alpha: float | None,
-        targets: list[str],
-    ) -> AdapterWeights:
+    def _load(self, weights: SafetensorsFile, fitted: FittedLayout) -> AdapterWeights:
         """Read the tensors of a layout the model accepted, and make each module's exact pair."""
-        layout, deltas = fitted
+        layout = fitted.layout
         tensors = weights.read()
         whole = weights.values_read()
         bound = self.fit.max_abs_weight if self.fit is not None else _FLOAT32_SAFE
         modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
         scalings: dict[ModuleKey, float] = {}
-        ranks: list[int] = []
         alphas: list[float] = []
         # (label, tensor, scaling), checked at the end; `own` are the file's own tensors, bounded by the file.
-        pairs: list[tuple[str, torch.Tensor, float]] = []
-        own: list[tuple[str, torch.Tensor, float]] = []
-        for source in layout.sources:
-            parts = {role: tensors[key] for role, key in source.keys.items()}
-            rank = adapter_math.declared_rank(source.algorithm, layout.shapes(source))
+        pairs: list[tuple[Label, torch.Tensor, float]] = []
+        own: list[tuple[Label, torch.Tensor, float]] = []
+        for source, rank in zip(layout.sources, fitted.ranks, strict=True):
+            keys, fit = source.keys, fitted.fits[source.name]
             scaling, module_alpha = _source_scaling(layout.file, source, tensors, rank)
-            ranks.append(rank)
             alphas.append(module_alpha)
-            a, b = adapter_math.exact_pair(source.algorithm, parts, deltas[source.name])
-            checks = pairs
-            if set(parts) == {"lora_down.weight", "lora_up.weight"}:  # the pair is the file's own two tensors
-                labels = tuple(f"tensor {shown(source.keys[role])}" for role in ("lora_down.weight", "lora_up.weight"))
-                if whole is not None and all(t.dtype == whole.dtype for t in parts.values()):
-                    checks = own
+            if len(keys) == 2 and _DOWN in keys and _UP in keys:  # the pair is the file's own two tensors
+                down, up = tensors[keys[_DOWN]], tensors[keys[_UP]]
+                checks = pairs
+                if down.dtype == up.dtype == torch.float32 and down.shape == fit.a and up.shape == fit.b:
+                    a, b = down, up  # already the exact pair: nothing to make, and the file's peak bounds it
+                    checks = own if whole is not None and whole.dtype == torch.float32 else pairs
+                else:
+                    a, b = adapter_math.exact_pair(source.algorithm, {_DOWN: down, _UP: up}, fit.weight)
+                    if whole is not None and down.dtype == up.dtype == whole.dtype and a.shape[0] == down.shape[0]:
+                        checks = own  # the same values, converted and reshaped: the file's peak bounds them
+                checks += [(("tensor ", keys[_DOWN], ""), a, 1.0), (("tensor ", keys[_UP], ""), b, scaling)]
             else:  # made from its tensors: check them first, so that a NaN is blamed on its own key
+                parts = {role: tensors[key] for role, key in keys.items()}
                 for role, tensor in parts.items():
-                    _check_magnitude(layout.file, f"tensor {shown(source.keys[role])}", tensor, 1.0, math.inf)
-                labels = tuple(f"the {part} of module {shown(source.name)}'s delta" for part in ("A", "B"))
-            checks += [(labels[0], a, 1.0), (labels[1], b, scaling)]
+                    _check_magnitude(layout.file, ("tensor ", keys[role], ""), tensor, 1.0, math.inf)
+                a, b = adapter_math.exact_pair(source.algorithm, parts, fit.weight)
+                pairs += [
+                    (("the A of module ", source.name, "'s delta"), a, 1.0),
+                    (("the B of module ", source.name, "'s delta"), b, scaling),
+                ]
             for target in source.targets:
                 key = (target.component, target.module)
                 if key in modules:
@@ -376,9 +457,9 @@ class AdapterReader:
             format=layout.format,
             modules=modules,
             scalings=scalings,
-            alpha=alpha if alpha is not None else Counter(alphas).most_common(1)[0][0],
-            rank=max(ranks),
-            target_modules=targets,
+            alpha=fitted.alpha if fitted.alpha is not None else Counter(alphas).most_common(1)[0][0],
+            rank=max(fitted.ranks),
+            target_modules=list(fitted.targets),
             files=((str(layout.file), weights.stamp),),
         )
 
@@ -434,9 +515,9 @@ def _display_targets(config: dict[str, Any], sources: list[ModuleSource]) -> lis
     return sorted({target.module.rsplit(".", 1)[-1] for s in sources for target in s.targets})
 
 
-def _shapes_without_model(layout: AdapterLayout) -> dict[str, Shape]:
+def _shapes_without_model(layout: AdapterLayout) -> dict[str, ModuleFit]:
     """With no model to ask, a LoRA pair's own shapes say the layer's: (out, in[, kh, kw])."""
-    shapes: dict[str, Shape] = {}
+    fits: dict[str, ModuleFit] = {}
     for source in layout.sources:
         s = layout.shapes(source)
         down, up = s.get("lora_down.weight"), s.get("lora_up.weight")
@@ -447,8 +528,12 @@ def _shapes_without_model(layout: AdapterLayout) -> dict[str, Shape]:
                 f"{layout.file}: module {shown(source.name)} has lora_A {list(down)} and lora_B {list(up)}, which do "
                 "not form a low-rank pair"
             )
-        shapes[source.name] = (up[0], *down[1:])
-    return shapes
+        weight = (up[0], *down[1:])
+        try:
+            fits[source.name] = ModuleFit(weight, *adapter_math.pair_shapes("lora", s, weight))
+        except adapter_math.NotAPair as exc:
+            raise InvalidArgument(f"{layout.file}: module {shown(source.name)} {exc}") from None
+    return fits
 
 
 def _source_scaling(
@@ -486,7 +571,7 @@ def _target_rows(b: torch.Tensor, rows: tuple[int, int] | None, swap: bool) -> t
 
 
 def _check_magnitudes(
-    file: Path, checks: list[tuple[str, torch.Tensor, float]], bound: float, whole: torch.Tensor | None = None
+    file: Path, checks: list[tuple[Label, torch.Tensor, float]], bound: float, whole: torch.Tensor | None = None
 ) -> None:
     """`_check_magnitude` for each (name, tensor, scaling), in order. One reduction over all of them first (over
     `whole` when given: values that include every checked one, e.g. the file's data region): a small adapter has
@@ -514,11 +599,12 @@ def _peak(tensor: torch.Tensor) -> float:
     return max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.nan
 
 
-def _check_magnitude(file: Path, name: str, tensor: torch.Tensor, scaling: float, bound: float) -> None:
+def _check_magnitude(file: Path, label: Label, tensor: torch.Tensor, scaling: float, bound: float) -> None:
     """No NaN or Inf, and no weight so large that (with its scaling) only overflow can come of it."""
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return
     peak = _peak(tensor)
+    name = f"{label[0]}{shown(label[1])}{label[2]}"
     factor = max(1.0, abs(scaling))
     if not math.isfinite(peak):
         raise InvalidArgument(f"{file}: {name} contains NaN or Inf")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +27,15 @@ LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr
 ALGORITHMS = {"lora": LORA_ROLES, "loha": LOHA_ROLES, "lokr": LOKR_ROLES}
 
 Shape = tuple[int, ...]
+
+
+class ModuleFit(NamedTuple):
+    """How one module of a file goes into the model: the shape of the weight its delta is for (all its target
+    rows counted), and the shapes of its exact pair (A, B)."""
+
+    weight: Shape
+    a: Shape
+    b: Shape
 
 
 class NotAPair(ValueError):

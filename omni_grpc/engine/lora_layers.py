@@ -210,13 +210,14 @@ class MultiLora:
         for name, (a, b, scaling) in pairs.items():
             base = self._modules[name]
             conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
-            modules[name] = ModuleLora(
-                a=a.to(device=self._device, dtype=self._dtype),
-                b=b.to(device=self._device, dtype=self._dtype),
-                scaling=scaling,
-                conv=conv,
-            )
+            modules[name] = ModuleLora(a=self._placed(a), b=self._placed(b), scaling=scaling, conv=conv)
         return AdapterSlot(modules, self._device)
+
+    def _placed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor in the model's dtype on its device (itself when it is already: no call per tensor)."""
+        if tensor.dtype == self._dtype and tensor.device == self._device:
+            return tensor
+        return tensor.to(device=self._device, dtype=self._dtype)
 
     # ---- hooks and plans: worker thread; slots: any thread (see the module docstring) -----------
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from omni_grpc.engine import adapter_math
 from omni_grpc.engine.adapter_files import AdapterLayout, AdapterWeights
-from omni_grpc.engine.adapter_math import NotAPair, Shape
+from omni_grpc.engine.adapter_math import ModuleFit, NotAPair, Shape
 from omni_grpc.engine.file_layouts import ModuleSource
 from omni_grpc.engine.kohya_names import KohyaTable, Target
 from omni_grpc.engine.lora_layers import AdapterSlot, BatchPlan, MultiLora
@@ -58,6 +58,9 @@ class LoraSet:
         layers = sum(isinstance(m, nn.Linear | nn.Conv2d) for part in parts.values() for m in part.modules())
         self.max_tensors = min(MAX_TENSORS, TENSORS_PER_LAYER * layers)
         self._denoiser = denoiser
+        # The weight shape of each target (or fused targets) a file named that fit: the model never changes, and
+        # a model's modules recur in every adapter made for it. Bounded by the model's modules.
+        self._weight_shapes: dict[tuple[Target, ...], Shape] = {}
         self._kohya_table = kohya_table
         self._device = device
         self._dtype = dtype
@@ -91,30 +94,28 @@ class LoraSet:
         """The largest |weight| x scaling the model's dtype computes with: beyond, only overflow."""
         return math.sqrt(float(torch.finfo(self._dtype).max))
 
-    def check_layout(self, layout: AdapterLayout) -> dict[str, Shape]:
-        """The weight shape each module of the file makes a delta for; FailedPrecondition naming the first
-        module that is missing, of a kind LoRA cannot adapt, or of other shapes."""
-        deltas: dict[str, Shape] = {}
+    def check_layout(self, layout: AdapterLayout) -> dict[str, ModuleFit]:
+        """How each module of the file goes into the model; FailedPrecondition naming the first module that is
+        missing, of a kind LoRA cannot adapt, or of other shapes."""
+        fits: dict[str, ModuleFit] = {}
         for source in sorted(layout.sources, key=lambda s: s.name):
             delta = self._delta_shape(layout.path, source)
             shapes = layout.shapes(source)
             try:
-                adapter_math.pair_shapes(source.algorithm, shapes, delta)
+                a, b = adapter_math.pair_shapes(source.algorithm, shapes, delta)
             except NotAPair as exc:
                 raise FailedPrecondition(_misfit(layout.path, source, shapes, delta, str(exc))) from None
-            deltas[source.name] = delta
-        return deltas
-
-    def pair_bytes(self, layout: AdapterLayout, deltas: Mapping[str, Shape]) -> int:
-        """What the exact pairs of a checked layout hold, in float32."""
-        total = 0
-        for source in layout.sources:
-            a, b = adapter_math.pair_shapes(source.algorithm, layout.shapes(source), deltas[source.name])
-            total += 4 * (math.prod(a) + math.prod(b))
-        return total
+            fits[source.name] = ModuleFit(delta, a, b)
+        return fits
 
     def _delta_shape(self, path: str, source: ModuleSource) -> Shape:
         """The shape of the weight a module's delta has: its target's, or all its targets' rows stacked."""
+        known = self._weight_shapes.get(source.targets)
+        if known is None:
+            known = self._weight_shapes[source.targets] = self._judged_delta_shape(path, source)
+        return known
+
+    def _judged_delta_shape(self, path: str, source: ModuleSource) -> Shape:
         shapes: list[Shape] = []
         for target in source.targets:
             part = self._parts.get(target.component)

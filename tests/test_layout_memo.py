@@ -1,0 +1,120 @@
+"""Adapters of one layout (fine-tunes of one recipe: the same header bytes) are judged once per engine. A load
+that reuses the verdict gives what diffusers + peft give for its own weights and config, and still refuses what
+its own bytes hold (a NaN, an overflowing weight, trailing bytes)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from omni_grpc.engine.adapter_files import AdapterReader, LayoutMemo
+from omni_grpc.engine.engine import Engine
+from omni_grpc.engine.memo import Memo
+from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
+from omni_grpc.errors import InvalidArgument
+from tests.helpers import PROMPT, started_engine
+from tests.lora_factory import edit_config, make_peft_adapter, reference_pixels
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Iterator[Engine]:
+    with started_engine(model=str(model_dir), allow_any_lora_path=True, dtype="float32") as eng:
+        yield eng
+
+
+@pytest.fixture(scope="module")
+def twins(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three fine-tunes of one recipe (rank 4, alpha 8, the same targets); the third's config says alpha 2."""
+    root = tmp_path_factory.mktemp("twins")
+    made = [make_peft_adapter(model_dir, root / f"twin{i}", rank=4, alpha=8, seed=30 + i) for i in range(3)]
+    edit_config(made[2], lora_alpha=2)
+    return made
+
+
+def header_bytes(file: Path) -> bytes:
+    raw = file.read_bytes()
+    return raw[: 8 + int.from_bytes(raw[:8], "little")]
+
+
+def rewritten(source: Path, out: Path, change: dict[str, float] | None = None, tail: bytes = b"") -> Path:
+    """A copy of a PEFT folder with lora_B tensors filled with `change[...]` where named; `tail` appended."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    tensors = load_file(source / WEIGHTS)
+    first_b = next(k for k in sorted(tensors) if "lora_B" in k)
+    for value in (change or {}).values():
+        tensors[first_b] = torch.full_like(tensors[first_b], value)
+    save_file(tensors, out / WEIGHTS, metadata={"format": "pt"})
+    if tail:
+        with (out / WEIGHTS).open("ab") as handle:
+            handle.write(tail)
+    return out
+
+
+def test_twins_share_their_header_bytes(twins: list[Path]) -> None:
+    # The premise of the other tests: equal layouts, other weights (and one other config).
+    headers = {header_bytes(t / WEIGHTS) for t in twins}
+    assert len(headers) == 1
+    assert len({(t / WEIGHTS).read_bytes() for t in twins}) == 3
+    configs = [json.loads((t / "adapter_config.json").read_text())["lora_alpha"] for t in twins]
+    assert configs == [8, 8, 2]
+
+
+def test_a_twin_of_a_judged_layout_gives_what_diffusers_and_peft_give(
+    engine: Engine, model_dir: Path, twins: list[Path]
+) -> None:
+    engine.load_adapter(str(twins[0]))  # judged here; the others reuse the verdict (the third with its config)
+    for twin in twins[1:]:
+        sampling = SamplingParams(height=64, width=64, num_inference_steps=2, seed=7)
+        result = engine.generate(GenerateRequest(prompt=PROMPT, sampling=sampling, lora=LoraRequest(path=str(twin))))
+        expected = reference_pixels(model_dir, prompt=PROMPT, seed=7, adapter=twin)
+        np.testing.assert_allclose(np.asarray(result.images[0].array), expected, rtol=0, atol=1e-4)
+
+
+def test_the_verdict_is_kept_once_per_layout_and_config(twins: list[Path]) -> None:
+    memo = LayoutMemo()
+    fresh = [AdapterReader().read(str(t)) for t in twins]
+    remembered = [AdapterReader(memo=memo).read(str(t)) for t in twins]
+    assert len(memo.headers) == 1 and len(memo.fitted) == 2  # one header; two configs
+    for first, again in zip(fresh, remembered, strict=True):
+        assert again.scalings == first.scalings and again.rank == first.rank and again.alpha == first.alpha
+        assert again.modules.keys() == first.modules.keys()
+        for key, (a, b) in first.modules.items():
+            assert torch.equal(again.modules[key][0], a) and torch.equal(again.modules[key][1], b)
+    assert {s for w in remembered for s in w.scalings.values()} == {2.0, 0.5}  # 8/4 and the third's 2/4
+
+
+@pytest.mark.parametrize(
+    ("change", "tail", "message"),
+    [
+        ({"lora_B": float("nan")}, b"", "contains NaN or Inf"),
+        ({"lora_B": 3e38}, b"", "the model's dtype can only overflow"),
+        (None, b"\0\0\0\0", "gaps or trailing bytes"),
+    ],
+)
+def test_a_twin_is_still_refused_for_what_its_own_bytes_hold(
+    engine: Engine, twins: list[Path], tmp_path: Path, change: dict[str, float] | None, tail: bytes, message: str
+) -> None:
+    engine.load_adapter(str(twins[0]))  # the layout is judged (again: idempotent)
+    bad = rewritten(twins[0], tmp_path / "bad", change, tail)
+    if not tail:
+        assert header_bytes(bad / WEIGHTS) == header_bytes(twins[0] / WEIGHTS)
+    with pytest.raises(InvalidArgument, match=message):
+        engine.load_adapter(str(bad))
+
+
+def test_the_memo_is_bounded_and_keeps_the_most_recent() -> None:
+    memo: Memo[str, int] = Memo(2)
+    memo.put("a", 1)
+    memo.put("b", 2)
+    assert memo.get("a") == 1  # "a" is now the most recent
+    memo.put("c", 3)
+    assert len(memo) == 2 and memo.get("b") is None and memo.get("a") == 1 and memo.get("c") == 3
