@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from omni_grpc.engine.adapter_files import AdapterReader, LayoutMemo
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.memo import Memo
+from omni_grpc.engine.safetensors_reader import MEMO_HEADER_BYTES
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
 from omni_grpc.errors import InvalidArgument
 from tests.helpers import PROMPT, started_engine
@@ -109,6 +110,25 @@ def test_a_twin_is_still_refused_for_what_its_own_bytes_hold(
         assert header_bytes(bad / WEIGHTS) == header_bytes(twins[0] / WEIGHTS)
     with pytest.raises(InvalidArgument, match=message):
         engine.load_adapter(str(bad))
+
+
+def test_a_header_beyond_the_memo_limit_is_judged_every_time(tmp_path: Path) -> None:
+    # 1,200 tensors with long names: a header of about 400 KB, beyond MEMO_HEADER_BYTES.
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    pad = "x" * 200
+    tensors = {}
+    for i in range(600):
+        module = f"base_model.model.blocks.{i}.{pad}.to_q"
+        tensors[f"{module}.lora_A.weight"] = torch.zeros(1, 2)
+        tensors[f"{module}.lora_B.weight"] = torch.zeros(2, 1)
+    save_file(tensors, folder / WEIGHTS)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    assert len(header_bytes(folder / WEIGHTS)) > MEMO_HEADER_BYTES
+    memo = LayoutMemo()
+    for _ in range(2):
+        assert len(AdapterReader(memo=memo).read(str(folder)).modules) == 600
+    assert len(memo.headers) == 0 and len(memo.fitted) == 0
 
 
 def test_the_memo_is_bounded_and_keeps_the_most_recent() -> None:

@@ -29,6 +29,7 @@ from omni_grpc.engine.memo import Memo
 from omni_grpc.engine.safetensors_reader import (
     FLOAT_DTYPES,
     MAX_TENSORS,
+    MEMO_HEADER_BYTES,
     FileStamp,
     HeaderMemo,
     MayOpen,
@@ -103,7 +104,8 @@ LayoutKey = tuple[str, bytes, int, str, str | None]
 class LayoutMemo:
     """What one engine's model said of the layouts it accepted, and the headers checked on the way: fine-tunes
     of one recipe share both byte for byte, and judging them again costs more than a small adapter's read.
-    Only what the header and config decide is kept; every load still opens, reads and checks its own data."""
+    Only what the header and config decide is kept, for headers up to MEMO_HEADER_BYTES (so at most
+    `entries` x that many bytes of keys); every load still opens, reads and checks its own data."""
 
     def __init__(self, entries: int = 32) -> None:
         self.headers: HeaderMemo = Memo(entries)
@@ -321,7 +323,7 @@ class AdapterReader:
         ranks = tuple(adapter_math.declared_rank(s.algorithm, layout.shapes(s)) for s in layout.sources)
         pair_bytes = sum(4 * (math.prod(fit.a) + math.prod(fit.b)) for fit in fits.values())
         fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets))
-        if self.memo is not None:
+        if self.memo is not None and len(key[1]) <= MEMO_HEADER_BYTES:  # the memo's memory stays bounded
             self.memo.fitted.put(key, fitted)
         self._reserve(fitted)
         return fitted
