@@ -41,14 +41,14 @@ def cancel_abandoned_calls() -> None:
         opened(self, grpc_context)
         task = _current_task()
         if task is not None and hasattr(grpc_context, "add_done_callback"):
-            grpc_context.add_done_callback(lambda context: _ended(task, context))
+            grpc_context.add_done_callback(lambda _context: _ended(task))
 
     setattr(make, _MARK, True)
     ProxyResponseGenerator.__init__ = make  # type: ignore[method-assign]  # Serve has no hook for this
     RayServegRPCContext.__init__ = open_call  # type: ignore[method-assign]  # (nor for this)
 
 
-def _ended(task: asyncio.Task[Any], context: Any) -> None:
+def _ended(task: asyncio.Task[Any]) -> None:
     for reader, response in _CALLS.pop(task, []):
         # Serve's reader marks itself done once it has read the last result (or failed, or was cancelled).
         if not getattr(reader, "_done", False):

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from omni_grpc.engine.memo import Memo
+
 POLICIES = ("learned", "fill")
 
 
@@ -54,9 +56,8 @@ class BatchSizer:
         self._tolerance = tolerance
         self._window = window
         self._lock = threading.Lock()
-        # The shapes seen, least recently used first; bounded, since clients choose the shapes.
-        self._shapes: collections.OrderedDict[Hashable, _Shape] = collections.OrderedDict()
-        self._max_shapes = max_shapes
+        # The shapes seen, the least recently used forgotten first: bounded, since clients choose the shapes.
+        self._shapes: Memo[Hashable, _Shape] = Memo(max_shapes)
 
     def size(self, key: Hashable, head: int, waiting: int) -> int:
         """Samples the next batch of `key` takes: at least the head request's `head`, at most the `waiting`
@@ -93,10 +94,8 @@ class BatchSizer:
     def _shape_locked(self, key: Hashable) -> _Shape:
         shape = self._shapes.get(key)
         if shape is None:
-            shape = self._shapes[key] = _Shape()
-            if len(self._shapes) > self._max_shapes:
-                self._shapes.popitem(last=False)
-        self._shapes.move_to_end(key)
+            shape = _Shape()
+            self._shapes.put(key, shape)
         return shape
 
     def learned(self) -> dict[Hashable, dict[int, float]]:

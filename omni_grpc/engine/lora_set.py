@@ -58,9 +58,6 @@ class LoraSet:
         layers = sum(isinstance(m, nn.Linear | nn.Conv2d) for part in parts.values() for m in part.modules())
         self.max_tensors = min(MAX_TENSORS, TENSORS_PER_LAYER * layers)
         self._denoiser = denoiser
-        # The weight shape of each target (or fused targets) a file named that fit: the model never changes, and
-        # a model's modules recur in every adapter made for it. Bounded by the model's modules.
-        self._weight_shapes: dict[tuple[Target, ...], Shape] = {}
         self._kohya_table = kohya_table
         self._device = device
         self._dtype = dtype
@@ -110,12 +107,6 @@ class LoraSet:
 
     def _delta_shape(self, path: str, source: ModuleSource) -> Shape:
         """The shape of the weight a module's delta has: its target's, or all its targets' rows stacked."""
-        known = self._weight_shapes.get(source.targets)
-        if known is None:
-            known = self._weight_shapes[source.targets] = self._judged_delta_shape(path, source)
-        return known
-
-    def _judged_delta_shape(self, path: str, source: ModuleSource) -> Shape:
         shapes: list[Shape] = []
         for target in source.targets:
             part = self._parts.get(target.component)

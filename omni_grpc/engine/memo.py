@@ -1,7 +1,8 @@
-"""A small, bounded, thread-safe memo of pure results (least recently used first out).
+"""A small, bounded, thread-safe map that forgets the least recently used entry first.
 
-Adapter loads use it for what a file's header alone decides: fine-tunes made with one recipe share their
-layout byte for byte, and judging it again for each costs more than reading a small adapter's tensors.
+Adapter loads keep in one what a file's header alone decides (fine-tunes made with one recipe share their
+layout byte for byte, and judging it again for each costs more than reading a small adapter's tensors); the
+batch sizer keeps what each batch shape has cost (clients choose the shapes: the map must stay bounded).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ class Memo(Generic[K, V]):
             self._values.move_to_end(key)
             while len(self._values) > self._entries:
                 self._values.popitem(last=False)
+
+    def items(self) -> list[tuple[K, V]]:
+        """A snapshot, least recently used first."""
+        with self._lock:
+            return list(self._values.items())
 
     def __len__(self) -> int:
         return len(self._values)
