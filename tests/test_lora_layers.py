@@ -3,10 +3,12 @@ adapters' delta, and the work per adapted layer does not grow with the mix of ad
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from omni_grpc.engine import adapter_math
 from omni_grpc.engine.lora_layers import AdapterSlot, MultiLora
 
 IN, OUT, RANKS = 12, 10, (2, 3, 4, 5, 2, 3, 4, 5)
@@ -111,3 +113,55 @@ def test_the_operations_per_step_do_not_grow_with_the_mix() -> None:
     assert counts[2] == counts[4] == counts[8] == combos, counts
     # One adapter for every row takes the plain path: no more work than a mix (a matmul and an addmm).
     assert one <= counts[8] + 10, (one, counts)
+
+
+@pytest.mark.parametrize("w2", ["factorised", "full", "w1 factorised"])
+def test_a_lokr_runs_as_its_kronecker_factors_alone_and_as_its_pair_in_a_mix(w2: str) -> None:
+    """kron(w1, w2) x computed from the factors where one LoKr serves the whole batch (far fewer operations than
+    its rank-c x r pair), from the exact pair in a mixed batch: both are the formula's delta."""
+    g = torch.Generator().manual_seed(3)
+    a, c, b, d, r = 4, 3, 5, 8, 2  # a Linear of in = c x d = 24, out = a x b = 20
+    tensors = {"lokr_w2_a": torch.randn(b, r, generator=g), "lokr_w2_b": torch.randn(r, d, generator=g)}
+    if w2 == "full":
+        tensors = {"lokr_w2": torch.randn(b, d, generator=g)}
+    tensors |= (
+        {"lokr_w1_a": torch.randn(a, 1, generator=g), "lokr_w1_b": torch.randn(1, c, generator=g)}
+        if (w2 == "w1 factorised")
+        else {"lokr_w1": torch.randn(a, c, generator=g)}
+    )
+    layer = nn.Linear(c * d, a * b)
+    weight = tuple(layer.weight.shape)
+    factors = adapter_math.kron_factors(tensors, weight)
+    assert factors is not None
+    pair = adapter_math.exact_pair("lokr", tensors, weight)
+    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    delta = torch.kron(w1, tensors["lokr_w2"] if w2 == "full" else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"])
+    multi = MultiLora(layer, torch.device("cpu"), torch.float32)
+    lokr = multi.make_slot({"": (*pair, 0.5)}, {"": factors})
+    other = multi.make_slot({"": (torch.randn(2, c * d, generator=g), torch.randn(a * b, 2, generator=g), 1.0)})
+    assert lokr.modules[""].kron is not None and other.modules[""].kron is None
+    for key, slot in (("lokr", lokr), ("other", other)):
+        multi.install_hooks(slot)
+        multi.attach(key, slot)
+    x = torch.randn(6, 7, c * d, generator=g)
+    with torch.inference_mode():
+        base = layer(x)
+        multi.activate(multi.plan_for([[("lokr", 0.8)]]))
+        alone = layer(x)
+        multi.activate(multi.plan_for([[("lokr", 0.8)], [("other", 1.0)]]))
+        mixed = layer(x)
+        multi.activate(None)
+    want = base + 0.5 * 0.8 * x @ delta.t()
+    torch.testing.assert_close(alone, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0::2], want[0::2], atol=1e-5, rtol=1e-5)
+    o = other.modules[""]
+    torch.testing.assert_close(mixed[1::2], base[1::2] + x[1::2] @ o.a.t() @ o.b.t(), atol=1e-5, rtol=1e-5)
+    # Applied as its factors, a batch all of it costs a few small products, not the pair's rank c x r ones.
+    assert lokr.nbytes == sum(t.nbytes for t in (*pair, *(f for f in factors if f is not None)))
+
+
+def test_a_lokr_whose_pair_is_as_cheap_keeps_only_its_pair() -> None:
+    """A w1 of one column (c = 1): the pair's rank is w2's own, and the factors would only add operations."""
+    tensors = {"lokr_w1": torch.randn(4, 1), "lokr_w2_a": torch.randn(5, 2), "lokr_w2_b": torch.randn(2, 12)}
+    assert adapter_math.kron_factors(tensors, (20, 12)) is None
+    assert adapter_math.kron_factors(tensors | {"lokr_w2_b": torch.randn(2, 4, 3, 3)}, (20, 4, 3, 3)) is None

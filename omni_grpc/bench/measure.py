@@ -345,8 +345,8 @@ def switching_and_step(
 
 
 def lycoris_step(model: BenchModel, root: Path, *, size: int, repeat: int, rank: int = 8) -> list[Row]:
-    """A denoising step with a LoHa and with a LoKr of rank `rank` (applied as their exact delta W, factored
-    at load into one pair per module) against a step with a LoRA of that rank on the same modules."""
+    """A denoising step with a LoHa and with a LoKr of rank `rank` (the LoHa applied as its exact pair, the LoKr
+    as its Kronecker factors) against a step with a LoRA of that rank on the same modules."""
     spec = model.spec
     if spec is None:
         raise ValueError(f"{model.name}: the LyCORIS rows are written for an SD3 benchmark model")
@@ -372,8 +372,8 @@ def lycoris_step(model: BenchModel, root: Path, *, size: int, repeat: int, rank:
             lease.release()
             rows.append(
                 Row(
-                    f"denoising step with a {'LoHa' if algorithm == 'loha' else 'LoKr'} (rank {rank}, as a rank-"
-                    f"{pair_rank} pair) vs a LoRA of rank {rank} ({model.name}, {size}px)",
+                    f"denoising step with a {'LoHa' if algorithm == 'loha' else 'LoKr'} (rank {rank}, applied at "
+                    f"rank {pair_rank}) vs a LoRA of rank {rank} ({model.name}, {size}px)",
                     step_lycoris,
                     step_lora,
                     "s/step",

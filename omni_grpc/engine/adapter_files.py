@@ -16,7 +16,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,15 +26,14 @@ from omni_grpc.engine import adapter_math, file_layouts, peft_config
 from omni_grpc.engine.adapter_math import ModuleFit, Shape
 from omni_grpc.engine.file_layouts import ModuleSource, Naming, NoModel
 from omni_grpc.engine.memo import Memo
+from omni_grpc.engine.safetensors_format import FLOAT_DTYPES, TensorInfo
 from omni_grpc.engine.safetensors_reader import (
-    FLOAT_DTYPES,
     MAX_TENSORS,
     MEMO_HEADER_BYTES,
     FileStamp,
     HeaderMemo,
     MayOpen,
     SafetensorsFile,
-    TensorInfo,
     current_stamp,
     open_safetensors,
     parse_json,
@@ -148,6 +147,8 @@ class AdapterWeights:
     target_modules: list[str]
     # Each file read, with the version of it that was read: a changed file is told by it later.
     files: tuple[tuple[str, FileStamp], ...]
+    # LoKr modules of Linear layers: their Kronecker factors too, cheaper to apply than their pair.
+    kron: dict[ModuleKey, adapter_math.Kron] = field(default_factory=dict)
 
     @property
     def components(self) -> list[str]:
@@ -155,7 +156,8 @@ class AdapterWeights:
 
     @property
     def size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.modules.values() for t in pair)
+        factors = (t for kron in self.kron.values() for t in kron if t is not None)
+        return sum(t.nbytes for pair in self.modules.values() for t in pair) + sum(t.nbytes for t in factors)
 
 
 class AdapterReader:
@@ -322,6 +324,7 @@ class AdapterReader:
         fits = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
         ranks = tuple(adapter_math.declared_rank(s.algorithm, layout.shapes(s)) for s in layout.sources)
         pair_bytes = sum(4 * (math.prod(fit.a) + math.prod(fit.b)) for fit in fits.values())
+        pair_bytes += sum(adapter_math.kron_bytes(layout.shapes(s)) for s in layout.sources if s.algorithm == "lokr")
         fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets))
         if self.memo is not None and len(key[1]) <= MEMO_HEADER_BYTES:  # the memo's memory stays bounded
             self.memo.fitted.put(key, fitted)
@@ -418,6 +421,7 @@ class AdapterReader:
         # (label, tensor, scaling), checked at the end; `own` are the file's own tensors, bounded by the file.
         pairs: list[tuple[Label, torch.Tensor, float]] = []
         own: list[tuple[Label, torch.Tensor, float]] = []
+        kron: dict[ModuleKey, adapter_math.Kron] = {}
         for source, rank in zip(layout.sources, fitted.ranks, strict=True):
             keys, fit = source.keys, fitted.fits[source.name]
             scaling, module_alpha = _source_scaling(layout.file, source, tensors, rank)
@@ -438,6 +442,11 @@ class AdapterReader:
                 for role, tensor in parts.items():
                     _check_magnitude(layout.file, ("tensor ", keys[role], ""), tensor, 1.0, math.inf)
                 a, b = adapter_math.exact_pair(source.algorithm, parts, fit.weight)
+                if source.algorithm == "lokr" and len(source.targets) == 1 and source.targets[0].rows is None:
+                    target = source.targets[0]
+                    factors = adapter_math.kron_factors(parts, fit.weight) if not target.swap else None
+                    if factors is not None:
+                        kron[(target.component, target.module)] = factors
                 pairs += [
                     (("the A of module ", source.name, "'s delta"), a, 1.0),
                     (("the B of module ", source.name, "'s delta"), b, scaling),
@@ -463,6 +472,7 @@ class AdapterReader:
             rank=max(fitted.ranks),
             target_modules=list(fitted.targets),
             files=((str(layout.file), weights.stamp),),
+            kron=kron,
         )
 
 

@@ -79,6 +79,9 @@ def declared_rank(algorithm: str, shapes: Mapping[str, Shape]) -> int:
 def pair_shapes(algorithm: str, shapes: Mapping[str, Shape], weight: Shape) -> tuple[Shape, Shape]:
     """The shapes of the exact pair (A, B) for a layer whose weight is `weight` ((out, in) or (out, in, kh,
     kw), out counting every target row of a fused module); NotAPair when the tensors cannot make it."""
+    given = _given_pair(shapes, weight) if algorithm == "lora" and len(weight) == 2 and len(shapes) == 2 else None
+    if given is not None:
+        return given
     out, fan_in, kernel = weight[0], math.prod(weight[1:]), weight[2:]
     rank = _pair_rank(algorithm, shapes, out, fan_in, kernel)
     full = min(out, fan_in)
@@ -86,6 +89,14 @@ def pair_shapes(algorithm: str, shapes: Mapping[str, Shape], weight: Shape) -> t
     a_shape = (rank, *weight[1:])
     b_shape = (out, rank, *((1,) * len(kernel)))
     return a_shape, b_shape
+
+
+def _given_pair(shapes: Mapping[str, Shape], weight: Shape) -> tuple[Shape, Shape] | None:
+    """The common case, a LoRA of a Linear whose two tensors already are its exact pair: nothing to work out."""
+    down, up = shapes.get("lora_down.weight"), shapes.get("lora_up.weight")
+    if down is None or up is None or len(down) != 2 or down[1] != weight[1] or down[0] > min(weight):
+        return None
+    return (tuple(down), tuple(up)) if tuple(up) == (weight[0], down[0]) else None
 
 
 def _need(shapes: Mapping[str, Shape], *roles: str) -> None:
@@ -162,6 +173,35 @@ def _factor(s: Mapping[str, Shape], name: str) -> tuple[int, int]:
     if a[1] != b[0]:
         raise NotAPair(f"has {name}_a {list(a)} and {name}_b {list(b)}, which do not multiply")
     return a[0], math.prod(b[1:])
+
+
+# A LoKr's delta as its factors (w1, down, up): delta W = kron(w1, up @ down), or kron(w1, down) when up is None.
+Kron = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def kron_factors(tensors: Mapping[str, torch.Tensor], weight: Shape) -> Kron | None:
+    """A LoKr of a Linear layer as its Kronecker factors, float32, where applying them (w1 X w2^T on each row's
+    input X viewed as (c, d)) costs well under its exact pair (rank c x r, or the dense delta); else None (a
+    conv or Tucker LoKr, or one whose w1 is so tall that the pair is as cheap). `tensors` made that pair."""
+    if len(weight) != 2 or "lokr_t2" in tensors:
+        return None
+    t = {role: tensor.float().flatten(1) for role, tensor in tensors.items() if role.startswith("lokr_w")}
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    down, up = (t["lokr_w2"], None) if "lokr_w2" in t else (t["lokr_w2_b"], t["lokr_w2_a"])
+    (a, c), (r, d) = w1.shape, down.shape
+    b = up.shape[0] if up is not None else r
+    applied = c * d * r + a * c * r + (a * b * r if up is not None else 0)  # per row: down, mix, up
+    pair_rank = min(c * r, weight[0], weight[1])
+    if 2 * applied > pair_rank * (weight[0] + weight[1]):
+        return None
+    return w1.contiguous(), down.contiguous(), up.contiguous() if up is not None else None
+
+
+def kron_bytes(shapes: Mapping[str, Shape]) -> int:
+    """At most what `kron_factors` allocates for a LoKr of these shapes (float32 w1, down and up)."""
+    w1 = shapes["lokr_w1"] if "lokr_w1" in shapes else (shapes["lokr_w1_a"][0], *shapes["lokr_w1_b"][1:])
+    w2 = [shape for role, shape in shapes.items() if role.startswith("lokr_w2")]
+    return 4 * (math.prod(w1) + sum(math.prod(shape) for shape in w2))
 
 
 def exact_pair(algorithm: str, tensors: Mapping[str, torch.Tensor], weight: Shape) -> tuple[torch.Tensor, torch.Tensor]:

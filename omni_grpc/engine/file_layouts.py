@@ -29,7 +29,7 @@ import torch
 
 from omni_grpc.engine import adapter_math
 from omni_grpc.engine.kohya_names import TEXT_ENCODER_PREFIXES, Target
-from omni_grpc.engine.safetensors_reader import TensorInfo
+from omni_grpc.engine.safetensors_format import TensorInfo
 from omni_grpc.engine.types import AdapterFormat
 from omni_grpc.errors import FailedPrecondition, InvalidArgument
 from omni_grpc.quoting import shown

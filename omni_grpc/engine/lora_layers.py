@@ -7,7 +7,8 @@ sample (none, one or several). A sample's adapters add up as diffusers' `set_ada
 samples without an adapter are left alone. The hook's work does not grow with the mix of adapters:
 
 - every row runs with the same adapter at the same scale: `lora_B(lora_A(x))` accumulates into the output
-  (a matmul and an addmm);
+  (a matmul and an addmm); a LoKr of a Linear runs as its Kronecker factors (`KronFactors`: three small
+  products), not as its exact pair, whose rank is its w2's times its w1's width;
 - any other mix (several adapters, scales, combinations, rows without one): each row's adapters are
   stacked once per batch into one rank-padded pair, their ranks concatenated and their scales folded into
   B (`LoraStack`), and every step applies all rows with one batched matmul down and one batched
@@ -26,13 +27,45 @@ running batch holds the slots it uses, and the adapter table never drops or move
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class KronFactors(NamedTuple):
+    """A LoKr delta of a Linear, kron(w1, w2) with w2 = up @ down (or w2 = down): applied to each row's input X
+    viewed as (c, d), as w1 X w2^T, it costs about what a LoRA of w2's rank does, where its exact pair's rank is
+    c times that (LyCORIS' usual factor makes it the layer's own width)."""
+
+    w1: torch.Tensor  # (a, c)
+    down: torch.Tensor  # (r, d)
+    up: torch.Tensor | None  # (b, r); None: r is b
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor, factor: float) -> torch.Tensor:
+        """output += factor * kron(w1, w2) x on every row (output contiguous)."""
+        a, c = self.w1.shape
+        d = self.down.shape[1]
+        rows = x.numel() // (c * d)
+        mixed = torch.matmul(self.w1, F.linear(x.reshape(rows * c, d), self.down).view(rows, c, -1))  # (rows, a, r)
+        if self.up is None:
+            output.view(rows, -1).add_(mixed.view(rows, -1), alpha=factor)
+        else:
+            output.view(rows * a, -1).addmm_(mixed.view(rows * a, -1), self.up.t(), alpha=factor)
+        return output
+
+    def to(self, device: torch.device, *, pin: bool = False) -> KronFactors:
+        moved = [t.to(device) if t is not None else None for t in self]
+        if pin:
+            moved = [t.pin_memory() if t is not None else None for t in moved]
+        return KronFactors(*moved)  # type: ignore[arg-type]  # w1 and down are never None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self if t is not None)
 
 
 @dataclass
@@ -45,6 +78,8 @@ class ModuleLora:
     scaling: float
     # Conv2d geometry of lora_A (it convolves like the base layer); None for Linear.
     conv: tuple[Any, Any, Any] | None = None
+    # A LoKr's factors, where applying them beats its exact pair (a, b): what a batch all of it runs with uses.
+    kron: KronFactors | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
@@ -59,6 +94,8 @@ class ModuleLora:
         place: for a Linear the up-projection accumulates straight into it (one GEMM, no temporaries
         of the output's size), which keeps an adapted step within a few percent of a base step.
         """
+        if self.kron is not None and output.is_contiguous():
+            return self.kron.add_to(output, x, factor)
         if self.conv is None and output.is_contiguous():
             down = F.linear(x, self.a)
             output.view(-1, output.shape[-1]).addmm_(down.reshape(-1, down.shape[-1]), self.b.t(), alpha=factor)
@@ -69,7 +106,12 @@ class ModuleLora:
         a, b = self.a.to(device), self.b.to(device)
         if pin:
             a, b = a.pin_memory(), b.pin_memory()
-        return ModuleLora(a, b, self.scaling, self.conv)
+        kron = self.kron.to(device, pin=pin) if self.kron is not None else None
+        return ModuleLora(a, b, self.scaling, self.conv, kron)
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes + (self.kron.nbytes if self.kron is not None else 0)
 
 
 @dataclass
@@ -81,7 +123,7 @@ class AdapterSlot:
 
     @property
     def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        return sum(m.nbytes for m in self.modules.values())
 
     def to(self, device: torch.device, *, pin: bool = False) -> AdapterSlot:
         """The slot on `device`; `pin` page-locks host memory so the copy back to a GPU is fast."""
@@ -204,13 +246,23 @@ class MultiLora:
     def module(self, name: str) -> nn.Module | None:
         return self._modules.get(name)
 
-    def make_slot(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> AdapterSlot:
-        """Module -> (A, B, scaling), checked to fit, as tensors in the model's dtype on the model's device."""
+    def make_slot(
+        self,
+        pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+        krons: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
+    ) -> AdapterSlot:
+        """Module -> (A, B, scaling), checked to fit, as tensors in the model's dtype on the model's device; and
+        for LoKr modules of Linear layers their factors (w1, down, up), applied in their place where they can."""
         modules: dict[str, ModuleLora] = {}
         for name, (a, b, scaling) in pairs.items():
             base = self._modules[name]
             conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
-            modules[name] = ModuleLora(a=self._placed(a), b=self._placed(b), scaling=scaling, conv=conv)
+            factors = krons.get(name) if krons else None
+            kron = None
+            if factors is not None and conv is None:
+                w1, down, up = factors
+                kron = KronFactors(self._placed(w1), self._placed(down), self._placed(up) if up is not None else None)
+            modules[name] = ModuleLora(a=self._placed(a), b=self._placed(b), scaling=scaling, conv=conv, kron=kron)
         return AdapterSlot(modules, self._device)
 
     def _placed(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from omni_grpc.engine.adapter_math import ModuleFit, NotAPair, Shape
 from omni_grpc.engine.file_layouts import ModuleSource
 from omni_grpc.engine.kohya_names import KohyaTable, Target
 from omni_grpc.engine.lora_layers import AdapterSlot, BatchPlan, MultiLora
+from omni_grpc.engine.memo import Memo
 from omni_grpc.engine.safetensors_reader import MAX_TENSORS, TENSORS_PER_LAYER
 from omni_grpc.errors import FailedPrecondition
 from omni_grpc.quoting import shown
@@ -32,6 +33,8 @@ from omni_grpc.quoting import shown
 AdapterSlots = dict[str, AdapterSlot]
 # transformers names CLIP's modules with or without this (its version decides); files always write it.
 _TEXT_MODEL = "text_model."
+# Modules (and stackings of them) whose names and shapes one LoraSet remembers: more than any model has layers.
+_KNOWN_MODULES = 16384
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class LoraSet:
         self._slots: dict[str, AdapterSlots] = {}
         # Attaching, moving and planning see an adapter's parts all of one version.
         self._lock = threading.Lock()
+        # What the model's modules are never changes: each module's resolved name, and the weight shape each
+        # module of a file (one target, or several stacked) has its delta for, once found. Bounded: file names
+        # that resolve to nothing are never kept, but the stackings a file can ask for are many.
+        self._names: Memo[tuple[str, str], str] = Memo(_KNOWN_MODULES)
+        self._delta_shapes: Memo[tuple[Target, ...], Shape] = Memo(_KNOWN_MODULES)
 
     # ---- the model, as the file layouts see it (file_layouts.Naming) -----------------------------
 
@@ -107,6 +115,13 @@ class LoraSet:
 
     def _delta_shape(self, path: str, source: ModuleSource) -> Shape:
         """The shape of the weight a module's delta has: its target's, or all its targets' rows stacked."""
+        known = self._delta_shapes.get(source.targets)
+        if known is None:
+            known = self._find_delta_shape(path, source)
+            self._delta_shapes.put(source.targets, known)
+        return known
+
+    def _find_delta_shape(self, path: str, source: ModuleSource) -> Shape:
         shapes: list[Shape] = []
         for target in source.targets:
             part = self._parts.get(target.component)
@@ -146,6 +161,15 @@ class LoraSet:
         return (offset, *first[1:])
 
     def _resolve(self, component: str, module: str) -> str | None:
+        """The model's name of a module a file names (None: the model has no such module)."""
+        known = self._names.get((component, module))
+        if known is None:
+            known = self._find_name(component, module)
+            if known is not None:
+                self._names.put((component, module), known)
+        return known
+
+    def _find_name(self, component: str, module: str) -> str | None:
         part = self._parts[component]
         if part.module(module) is not None:
             return module
@@ -158,11 +182,17 @@ class LoraSet:
     def make_slots(self, weights: AdapterWeights) -> AdapterSlots:
         """The adapter's pairs, checked to fit, in the model's dtype on its device, per part."""
         pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        krons: dict[str, dict[str, adapter_math.Kron]] = {}
         for (component, module), (a, b) in weights.modules.items():
             name = self._resolve(component, module)
             assert name is not None  # check_layout judged every target
             pairs.setdefault(component, {})[name] = (a, b, weights.scalings[(component, module)])
-        return {component: self._parts[component].make_slot(part) for component, part in pairs.items()}
+            kron = weights.kron.get((component, module))
+            if kron is not None:
+                krons.setdefault(component, {})[name] = kron
+        return {
+            component: self._parts[component].make_slot(part, krons.get(component)) for component, part in pairs.items()
+        }
 
     def needs_hooks(self, slots: AdapterSlots) -> bool:
         return any(self._parts[component].needs_hooks(slot) for component, slot in slots.items())
@@ -240,10 +270,15 @@ class LoraSet:
         return sum(slot.nbytes for slots in self._slots.values() for slot in slots.values())
 
     def applied_rank(self, key: str) -> int:
-        """The largest rank the hooks run an attached adapter at (a LoHa or LoKr: its exact pair's)."""
+        """The largest rank the hooks run an attached adapter at when a batch is all of it (a LoHa: its exact
+        pair's; a LoKr applied as its factors: its w2's)."""
         with self._lock:
             slots = self._slots[key]
-        return max(m.a.shape[0] for slot in slots.values() for m in slot.modules.values())
+        return max(
+            m.kron.down.shape[0] if m.kron is not None else m.a.shape[0]
+            for slot in slots.values()
+            for m in slot.modules.values()
+        )
 
 
 def _from(source: ModuleSource, target: Target) -> str:

@@ -18,18 +18,16 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from omni_grpc.engine.canonical_header import canonical_header
 from omni_grpc.engine.memo import Memo
+from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_FILE_BYTES, MAX_KEY_CHARS, TensorInfo
 from omni_grpc.errors import InvalidArgument, PermissionDenied
 from omni_grpc.quoting import shown
 
-# safetensors dtype names of the tensors an adapter may hold, with their sizes in bytes. Integers only for
-# scalars such as Kohya's `.alpha` (diffusers' convert_state_dict_to_kohya writes it as I64).
-DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 _TORCH_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
@@ -40,13 +38,11 @@ _TORCH_DTYPES = {
 # Caps that keep refusing any file cheap (time and memory in proportion to its header): real LoRA files of the
 # largest models have a few thousand tensors, keys under 200 characters and headers under a megabyte.
 MAX_HEADER_BYTES = 8 << 20
-MAX_FILE_BYTES = 4 << 30
 MAX_TENSORS = 8192
 # Every module a file adapts has at most this many tensors (a Tucker LoHa: w1_a, w1_b, w2_a, w2_b, t1, t2, alpha):
 # a model with L layers an adapter can adapt needs at most this many per layer.
 TENSORS_PER_LAYER = 7
 _WHY_LIMIT = f" ({TENSORS_PER_LAYER} per layer of the model an adapter can adapt, at most {MAX_TENSORS})"
-MAX_KEY_CHARS = 512
 # Commas and colons in a header, counted before it is parsed: they bound how many JSON values parsing makes.
 MAX_HEADER_SEPARATORS = 200_000
 # Headers up to this size are remembered once checked (see HeaderMemo); a 1,000-module adapter's is ~150 KB.
@@ -69,15 +65,6 @@ def current_stamp(file: Path) -> FileStamp | None:
         return stamp_of(os.stat(file))
     except OSError:
         return None
-
-
-class TensorInfo(NamedTuple):
-    """One tensor as the header declares it (offsets are relative to the data region)."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
 
 
 @dataclass(frozen=True)
@@ -226,8 +213,7 @@ class SafetensorsFile:
         if entries > self._max_tensors:
             raise InvalidArgument(f"{file} declares {entries} tensors; the limit is {self._max_tensors}{_WHY_LIMIT}")
         with paused_gc():
-            header = parse_json(raw, f"{file}: the safetensors header")
-            header = _check_header(file, header, size, 8 + length, self._max_tensors)
+            header = _check_header(file, raw, size, 8 + length, self._max_tensors)
         if self._headers is not None and length <= MEMO_HEADER_BYTES:
             self._headers.put(key, (header.tensors, header.metadata, header.main_float))
         return prefix + raw, header
@@ -335,8 +321,22 @@ def _opened_path(fd: int, file: Path) -> str:
         return os.path.realpath(file)
 
 
-def _check_header(file: Path, header: Any, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
-    """Check a parsed safetensors header against the file's size. Allocates no tensor."""
+def _check_header(file: Path, raw: bytes, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
+    """Parse and check a safetensors header against the file's size. Allocates no tensor. Headers in the form
+    safetensors writes take the fast path (see canonical_header); any other gets the general judgement."""
+    what = f"{file}: the safetensors header"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{what} is not UTF-8: {exc}") from exc
+    checked = canonical_header(text, size - data_start, max_tensors)
+    if checked is not None:
+        return SafetensorsHeader(file, *checked)
+    return _judge_header(file, parse_json(text, what), size, data_start, max_tensors)
+
+
+def _judge_header(file: Path, header: Any, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
+    """Check a parsed safetensors header against the file's size, naming what is wrong."""
     if not isinstance(header, dict):
         raise InvalidArgument(f"{file} is not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None)
