@@ -442,9 +442,10 @@ class AdapterReader:
                 for role, tensor in parts.items():
                     _check_magnitude(layout.file, ("tensor ", keys[role], ""), tensor, 1.0, math.inf)
                 a, b = adapter_math.exact_pair(source.algorithm, parts, fit.weight)
-                if source.algorithm == "lokr" and len(source.targets) == 1 and source.targets[0].rows is None:
-                    target = source.targets[0]
-                    factors = adapter_math.kron_factors(parts, fit.weight) if not target.swap else None
+                (target, *others) = source.targets
+                # (A fused target's rows come from the pair's B: the factors serve a whole layer only.)
+                if source.algorithm == "lokr" and not others and target.rows is None and not target.swap:
+                    factors = adapter_math.kron_factors(parts, fit.weight)
                     if factors is not None:
                         kron[(target.component, target.module)] = factors
                 pairs += [
