@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omni_grpc.engine.adapter_math import Kron
+
 
 class KronFactors(NamedTuple):
     """A LoKr delta of a Linear, kron(w1, w2) with w2 = up @ down (or w2 = down): applied to each row's input X
@@ -249,7 +251,7 @@ class MultiLora:
     def make_slot(
         self,
         pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
-        krons: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
+        krons: Mapping[str, Kron] | None = None,
     ) -> AdapterSlot:
         """Module -> (A, B, scaling), checked to fit, as tensors in the model's dtype on the model's device; and
         for LoKr modules of Linear layers their factors (w1, down, up), applied in their place where they can."""

@@ -324,15 +324,13 @@ def _opened_path(fd: int, file: Path) -> str:
 def _check_header(file: Path, raw: bytes, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
     """Parse and check a safetensors header against the file's size. Allocates no tensor. Headers in the form
     safetensors writes take the fast path (see canonical_header); any other gets the general judgement."""
-    what = f"{file}: the safetensors header"
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidArgument(f"{what} is not UTF-8: {exc}") from exc
-    checked = canonical_header(text, size - data_start, max_tensors)
+        checked = canonical_header(raw.decode("utf-8"), size - data_start, max_tensors)
+    except UnicodeDecodeError:
+        checked = None  # parse_json says what is wrong with it
     if checked is not None:
         return SafetensorsHeader(file, *checked)
-    return _judge_header(file, parse_json(text, what), size, data_start, max_tensors)
+    return _judge_header(file, parse_json(raw, f"{file}: the safetensors header"), size, data_start, max_tensors)
 
 
 def _judge_header(file: Path, header: Any, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
