@@ -60,6 +60,43 @@ def write_peft(folder: Path, r: int = 2, config: dict[str, Any] | None = None) -
     return folder
 
 
+MODULE = "base_model.model.transformer_blocks.0.attn.to_q"
+
+
+@pytest.mark.parametrize(
+    ("keys", "error", "words"),
+    [
+        (["transformer_blocks.0.attn.to_q.lora_A.weight"], InvalidArgument, "is not in the form 'base_model.model."),
+        ([KEY_A, KEY_B, f"{MODULE}.lora_magnitude_vector"], FailedPrecondition, "is DoRA (a magnitude vector)"),
+        ([KEY_A, KEY_B, f"{MODULE}.lora_B.bias"], InvalidArgument, ".lora_B.bias' is not a LoRA weight"),
+        (
+            [KEY_A, KEY_B, "base_model.model.lora_A.weight"],
+            InvalidArgument,
+            "model.lora_A.weight' is not a LoRA weight",
+        ),
+        (
+            [KEY_A, KEY_B, "base_model.model..lora_B.weight"],
+            InvalidArgument,
+            "model..lora_B.weight' is not a LoRA weight",
+        ),
+        ([KEY_A], InvalidArgument, "module 'transformer_blocks.0.attn.to_q' has no lora_B weight"),
+        ([KEY_B], InvalidArgument, "module 'transformer_blocks.0.attn.to_q' has no lora_A weight"),
+    ],
+)
+def test_peft_keys_outside_its_layout_are_refused_by_name(
+    tmp_path: Path, keys: list[str], error: type[OmniError], words: str
+) -> None:
+    folder = tmp_path / "a"
+    folder.mkdir()
+    shapes = {"lora_A.weight": (2, 3), "lora_B.weight": (4, 2)}
+    tensors = {key: torch.zeros(shapes.get(key.rsplit(".", 2)[-2] + ".weight", (4,))) for key in keys}
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(config_for()))
+    with pytest.raises(error) as raised:
+        read_adapter(str(folder))
+    assert words in raised.value.message
+
+
 def header_entry(shape: list[Any], offsets: Any, dtype: Any = "F32") -> dict[str, Any]:
     return {"dtype": dtype, "shape": shape, "data_offsets": offsets}
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from safetensors import safe_open
 
 from omni_grpc.engine.adapter_files import AdapterReader
 from omni_grpc.engine.adapters import derive_adapter_id
@@ -143,6 +144,30 @@ def test_unknown_module_is_failed_precondition(server: Server, fresh: Path) -> N
     error = rpc_error(load, server, fresh)
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "transformer_blocks.0.attn.to_zz" in error.details() and "does not exist" in error.details()
+
+
+def test_of_several_modules_that_do_not_fit_the_refusal_names_the_first_by_name(server: Server, fresh: Path) -> None:
+    """The fit is judged in the file's order and, on a refusal, again in name order: the message is the same
+    whatever the order. Key order and name order differ here ('-' sorts before '.')."""
+
+    attn = "transformer_blocks.0.attn."
+    names = {f"{attn}to_q": f"{attn}no", f"{attn}to_k": f"{attn}no-k"}  # both missing from the model
+
+    def rename(tensors: dict) -> dict:
+        renamed = {}
+        for key, value in tensors.items():
+            module = key.removeprefix("base_model.model.").rsplit(".", 2)[0]
+            renamed[key.replace(module, names.get(module, module))] = value
+        return renamed
+
+    rewrite_tensors(fresh / "adapter_model.safetensors", rename)
+    keys = sorted(safe_open(str(fresh / "adapter_model.safetensors"), "pt").keys())
+    assert keys.index(f"base_model.model.{attn}no-k.lora_A.weight") < keys.index(
+        f"base_model.model.{attn}no.lora_A.weight"
+    )
+    error = rpc_error(load, server, fresh)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"module '{attn}no' does not exist" in error.details()
 
 
 def test_wrong_shape_is_failed_precondition(server: Server, fresh: Path) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from omni_grpc.engine.adapter_files import AdapterReader, LayoutMemo
 from omni_grpc.engine.engine import Engine
-from omni_grpc.engine.memo import Memo
+from omni_grpc.engine.memo import Memo, ModelFacts
 from omni_grpc.engine.safetensors_reader import MEMO_HEADER_BYTES
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
 from omni_grpc.errors import InvalidArgument
@@ -138,3 +138,14 @@ def test_the_memo_is_bounded_and_keeps_the_most_recent() -> None:
     assert memo.get("a") == 1  # "a" is now the most recent
     memo.put("c", 3)
     assert len(memo) == 2 and memo.get("b") is None and memo.get("a") == 1 and memo.get("c") == 3
+
+
+def test_model_facts_keep_the_first_ones_they_are_told_and_no_more() -> None:
+    """The model's resolved names and delta shapes: never evicted (they never change), never more than the bound
+    (only names that resolve are told, but a bound holds whatever a caller does)."""
+    facts = ModelFacts[str, int](2)
+    for i, key in enumerate("abc"):
+        facts.put(key, i)
+    facts.put("a", 9)  # full: nothing more is kept, nor changed
+    assert (facts.get("a"), facts.get("b"), facts.get("c")) == (0, 1, None)
+    assert len(facts) == 2

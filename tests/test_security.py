@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from omni_grpc.engine.path_policy import real_path
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
 from tests.helpers import Server, rpc_error, start_gateway, start_server
@@ -315,3 +316,22 @@ def test_a_link_swapped_in_before_a_reread_from_disk_is_refused(
         run(LoraRequest(name="b"))  # the others are unaffected
     finally:
         engine.close()
+
+
+def test_real_path_says_what_realpath_says(tmp_path: Path) -> None:
+    """The path policy's and the table's real paths come from the kernel (an O_PATH open) where they can: the
+    same answers as os.path.realpath, for links, '..' through links and files, missing parts and relative paths."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").touch()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cases = ["a/b", "link/b/f", "link/../a", "a/b/", "missing/x", "dangling", "loop", "a/b/f/..", "a//b///f", "."]
+    for case in cases:
+        assert real_path(str(tmp_path / case)) == os.path.realpath(tmp_path / case), case
+    previous = os.getcwd()
+    try:
+        os.chdir(tmp_path / "link")
+        assert real_path("b/f") == os.path.realpath("b/f") == str(tmp_path / "a" / "b" / "f")
+    finally:
+        os.chdir(previous)

@@ -20,6 +20,13 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.2f} {unit}" if value >= 1 else f"{value:.3g} {unit}"
 
 
+def _met(row: Row) -> str:
+    return "-" if row.met is None else "yes" if row.met else "no"
+
+
+_COLOURS = {True: "#2e7d32", False: "#c62828", None: "#757575"}
+
+
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| measurement | omni-grpc | baseline | ratio | goal | met |",
@@ -28,13 +35,13 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         lines.append(
             f"| {r.measurement} | {_fmt(r.ours, r.unit)} | {_fmt(r.baseline, r.unit)} | {r.ratio:.3g} | {r.goal} | "
-            f"{'yes' if r.met else 'no'} |"
+            f"{_met(r)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def chart(rows: list[Row], path: Path) -> None:
-    """Horizontal bars of each ratio on a log scale, with the goal marked; green when met."""
+    """Horizontal bars of each ratio on a log scale, with the goal marked; green when met, grey without a goal."""
     width, bar_h, left, right = 1100, 34, 560, 40
     height = 60 + bar_h * len(rows) + 40
     image = Image.new("RGB", (width, height), "white")
@@ -51,8 +58,9 @@ def chart(rows: list[Row], path: Path) -> None:
     for i, r in enumerate(rows):
         y = 50 + i * bar_h
         draw.text((10, y + 8), r.measurement[:88], fill="black", font=font)
-        draw.rectangle([x(1e-4), y + 6, x(r.ratio), y + bar_h - 6], fill="#2e7d32" if r.met else "#c62828")
-        draw.text((x(r.ratio) + 4, y + 8), f"{r.ratio:.3g} (goal {r.goal})", fill="black", font=font)
+        draw.rectangle([x(1e-4), y + 6, x(r.ratio), y + bar_h - 6], fill=_COLOURS[r.met])
+        goal = f" (goal {r.goal})" if r.goal else ""
+        draw.text((x(r.ratio) + 4, y + 8), f"{r.ratio:.3g}{goal}", fill="black", font=font)
     draw.line([x(1.0), 40, x(1.0), height - 30], fill="#555555", width=1)
     for tick in range(int(lo), int(hi) + 1):
         tx = left + int((tick - lo) / (hi - lo) * span)

@@ -12,19 +12,24 @@ memory is returned at once).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from omni_grpc.engine import adapter_math, file_layouts, peft_config
-from omni_grpc.engine.adapter_math import ModuleFit, Shape
+from omni_grpc.engine.adapter_math import DOWN, UP, ModuleFit, Shape
 from omni_grpc.engine.file_layouts import ModuleSource, Naming, NoModel
+from omni_grpc.engine.kohya_names import Target
 from omni_grpc.engine.memo import Memo
 from omni_grpc.engine.safetensors_format import FLOAT_DTYPES, TensorInfo
 from omni_grpc.engine.safetensors_reader import (
@@ -56,7 +61,6 @@ MAX_SCALING = peft_config.MAX_SCALING
 MAX_RANK_FLAG = peft_config.MAX_RANK_FLAG
 # One adapted module of one component of the pipeline: ("unet", "mid_block.attentions.0.proj_in").
 ModuleKey = tuple[str, str]
-_DOWN, _UP = "lora_down.weight", "lora_up.weight"
 # What a label in a magnitude check renders as: before + the quoted name + after (made only on failure).
 Label = tuple[str, str, str]
 
@@ -70,11 +74,8 @@ class AdapterLayout:
     file: Path
     sources: tuple[ModuleSource, ...]
     infos: Mapping[str, TensorInfo]
-
-    @property
-    def nbytes(self) -> int:
-        """The file's tensor data: what reading it allocates."""
-        return sum(info.end - info.begin for info in self.infos.values())
+    # The file's tensor data: what reading it allocates.
+    nbytes: int
 
     def shapes(self, source: ModuleSource) -> dict[str, Shape]:
         return {role: self.infos[key].shape for role, key in source.keys.items()}
@@ -193,7 +194,8 @@ class AdapterReader:
         if not path or "\0" in path:  # Path() would raise ValueError on a NUL byte
             raise InvalidArgument(f"adapter path {shown(path)} is empty or contains a NUL byte", field="path")
         try:
-            return self._read(path)
+            with paused_gc():  # a load makes thousands of small objects, layouts of thousands of modules more
+                return self._read(path)
         except OSError as exc:  # a name too long, a permission denied, a file vanishing mid-read, ...
             error: OmniError = InvalidArgument(f"adapter path {shown(path)} could not be read: {exc}", field="path")
         except OmniError as exc:
@@ -204,16 +206,18 @@ class AdapterReader:
 
     def _read(self, path: str) -> AdapterWeights:
         p = Path(path)
-        if not p.exists():
+        mode = _mode(p)
+        if mode is None:
             raise NotFound(
                 f"adapter path {shown(path)} does not exist on the server machine; adapters are read from the "
                 "server's own filesystem, so the path must exist there (not on the client)",
                 field="path",
             )
-        if p.is_dir():
-            if (p / DIFFUSERS_WEIGHTS).is_file() and not (p / PEFT_CONFIG).exists():
+        if stat.S_ISDIR(mode):
+            config_mode = _mode(p / PEFT_CONFIG)
+            if config_mode is None and _is_file(_mode(p / DIFFUSERS_WEIGHTS)):
                 return self._read_file(p / DIFFUSERS_WEIGHTS, str(p))
-            return self._read_peft_folder(p)
+            return self._read_peft_folder(p, config_mode)
         if p.suffix in PICKLE_SUFFIXES:
             raise InvalidArgument(
                 f"adapter file {shown(path)} is a pickle ({p.suffix}); only safetensors are loaded, because unpickling "
@@ -230,10 +234,11 @@ class AdapterReader:
 
     # ---- layouts ------------------------------------------------------------------------------------
 
-    def _read_peft_folder(self, folder: Path) -> AdapterWeights:
+    def _read_peft_folder(self, folder: Path, config_mode: int | None) -> AdapterWeights:
         config_path = folder / PEFT_CONFIG
         weights_path = folder / PEFT_WEIGHTS
-        if not weights_path.is_file():
+        weights_mode = _mode(weights_path)
+        if not _is_file(weights_mode):
             pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (folder / name).exists()]
             if pickled:
                 raise InvalidArgument(
@@ -242,10 +247,11 @@ class AdapterReader:
                     "safe_serialization=True",
                     field="path",
                 )
-        for p in (config_path, weights_path):
-            if p.exists() and not p.is_file():
+        modes = ((config_path, config_mode), (weights_path, weights_mode))
+        for p, mode in modes:
+            if mode is not None and not _is_file(mode):
                 raise InvalidArgument(f"{p} is not a regular file (a directory or a device?)", field="path")
-        missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
+        missing = [p.name for p, mode in modes if mode is None]
         if missing:
             raise InvalidArgument(
                 f"adapter folder {shown(str(folder))} is missing {' and '.join(missing)}; a PEFT adapter folder holds "
@@ -261,13 +267,14 @@ class AdapterReader:
             fitted = self._remembered(key, str(folder), weights_path)
             if fitted is None:
                 infos = weights.header.tensors
-                with paused_gc():  # a layout of thousands of modules (see paused_gc)
-                    self._check_ranks_and_dtypes(infos, weights_path, None)
-                    sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
-                    sources = _configured(sources, infos, config, config_path)
-                    layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos)
-                    targets = _display_targets(config, sources)
-                    fitted = self._fitted(key, layout, _display_alpha(config), targets)
+                self._check_ranks_and_dtypes(infos, weights_path, None)
+                sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
+                sources = _configured(sources, infos, config, config_path)
+                layout = AdapterLayout(
+                    str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos, weights.data_bytes
+                )
+                targets = _display_targets(config, sources)
+                fitted = self._fitted(key, layout, _display_alpha(config), targets)
             adapter = self._load(weights, fitted)
         if current_stamp(config_path) != config_stamp:  # half an old config with new weights is no adapter
             raise InvalidArgument(f"{config_path} changed while the adapter was being read; retry once it is written")
@@ -279,8 +286,7 @@ class AdapterReader:
             key: LayoutKey = ("file", weights.raw_header, weights.size, "", self.expert)
             fitted = self._remembered(key, path, file)
             if fitted is None:
-                with paused_gc():  # a layout of thousands of modules (see paused_gc)
-                    fitted = self._fitted(key, *self._file_layout(weights, file, path))
+                fitted = self._fitted(key, *self._file_layout(weights, file, path))
             return self._load(weights, fitted)
 
     def _file_layout(
@@ -300,7 +306,7 @@ class AdapterReader:
             alpha, targets = None, _display_targets({}, sources)
         if fmt is not AdapterFormat.DIFFUSERS:  # (a diffusers file's were checked before its config)
             self._check_ranks_and_dtypes(infos, file, sources)
-        return AdapterLayout(path, fmt, file, tuple(sources), infos), alpha, targets
+        return AdapterLayout(path, fmt, file, tuple(sources), infos, weights.data_bytes), alpha, targets
 
     def _open(self, file: Path) -> SafetensorsFile:
         headers = self.memo.headers if self.memo is not None else None
@@ -322,8 +328,8 @@ class AdapterReader:
             sources = file_layouts.into_expert(layout.sources, self.naming.denoiser, self.expert, layout.file)
             layout = replace(layout, sources=sources)
         fits = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
-        ranks = tuple(adapter_math.declared_rank(s.algorithm, layout.shapes(s)) for s in layout.sources)
-        pair_bytes = sum(4 * (math.prod(fit.a) + math.prod(fit.b)) for fit in fits.values())
+        ranks = tuple([_declared_rank(s, layout.infos) for s in layout.sources])
+        pair_bytes = 4 * sum([math.prod(fit.a) + math.prod(fit.b) for fit in fits.values()])
         pair_bytes += sum(adapter_math.kron_bytes(layout.shapes(s)) for s in layout.sources if s.algorithm == "lokr")
         fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets))
         if self.memo is not None and len(key[1]) <= MEMO_HEADER_BYTES:  # the memo's memory stays bounded
@@ -382,7 +388,8 @@ class AdapterReader:
             if math.prod(infos[key].shape) != 1:
                 shape = list(infos[key].shape)
                 raise InvalidArgument(f"{file}: {shown(key)} has shape {shape}; an alpha is one number")
-        for key, info in infos.items():
+        all_floats = {info.dtype for info in infos.values()}.issubset(FLOAT_DTYPES)  # (one pass in C, mostly)
+        for key, info in () if all_floats else infos.items():
             if key not in alpha_keys and info.dtype not in FLOAT_DTYPES:
                 raise InvalidArgument(
                     f"{file}: tensor {shown(key)} has dtype {info.dtype}; weights must be {', '.join(FLOAT_DTYPES)} "
@@ -422,21 +429,23 @@ class AdapterReader:
         pairs: list[tuple[Label, torch.Tensor, float]] = []
         own: list[tuple[Label, torch.Tensor, float]] = []
         kron: dict[ModuleKey, adapter_math.Kron] = {}
+        # Pairs the file holds as they are (float32, the exact shapes) are bounded by the file's own peak.
+        float32_file = whole is not None and whole.dtype == torch.float32
         for source, rank in zip(layout.sources, fitted.ranks, strict=True):
             keys, fit = source.keys, fitted.fits[source.name]
             scaling, module_alpha = _source_scaling(layout.file, source, tensors, rank)
             alphas.append(module_alpha)
-            if len(keys) == 2 and _DOWN in keys and _UP in keys:  # the pair is the file's own two tensors
-                down, up = tensors[keys[_DOWN]], tensors[keys[_UP]]
-                checks = pairs
-                if down.dtype == up.dtype == torch.float32 and down.shape == fit.a and up.shape == fit.b:
-                    a, b = down, up  # already the exact pair: nothing to make, and the file's peak bounds it
-                    checks = own if whole is not None and whole.dtype == torch.float32 else pairs
+            if len(keys) == 2 and DOWN in keys and UP in keys:  # the pair is the file's own two tensors
+                down, up = tensors[keys[DOWN]], tensors[keys[UP]]
+                if down.dtype is torch.float32 is up.dtype and down.shape == fit.a and up.shape == fit.b:
+                    a, b = down, up  # already the exact pair: nothing to make
+                    checks = own if float32_file else pairs
                 else:
-                    a, b = adapter_math.exact_pair(source.algorithm, {_DOWN: down, _UP: up}, fit.weight)
-                    if whole is not None and down.dtype == up.dtype == whole.dtype and a.shape[0] == down.shape[0]:
-                        checks = own  # the same values, converted and reshaped: the file's peak bounds them
-                checks += [(("tensor ", keys[_DOWN], ""), a, 1.0), (("tensor ", keys[_UP], ""), b, scaling)]
+                    a, b = adapter_math.exact_pair(source.algorithm, {DOWN: down, UP: up}, fit.weight)
+                    same = whole is not None and down.dtype == up.dtype == whole.dtype and a.shape[0] == down.shape[0]
+                    checks = own if same else pairs  # (same: the values converted and reshaped)
+                checks.append((("tensor ", keys[DOWN], ""), a, 1.0))
+                checks.append((("tensor ", keys[UP], ""), b, scaling))
             else:  # made from its tensors: check them first, so that a NaN is blamed on its own key
                 parts = {role: tensors[key] for role, key in keys.items()}
                 for role, tensor in parts.items():
@@ -459,7 +468,7 @@ class AdapterReader:
                         f"{layout.file}: module {shown(source.name)} adapts {target.component} {shown(target.module)}, "
                         "which another module of the file adapts already"
                     )
-                modules[key] = (a, _target_rows(b, target.rows, target.swap))
+                modules[key] = (a, b if target.rows is None and not target.swap else _target_rows(b, target))
                 scalings[key] = scaling
         _check_magnitudes(layout.file, own, bound, whole)
         _check_magnitudes(layout.file, pairs, bound)
@@ -475,6 +484,23 @@ class AdapterReader:
             files=((str(layout.file), weights.stamp),),
             kron=kron,
         )
+
+
+def _mode(path: Path) -> int | None:
+    """The file type and mode bits of what `path` names (symlinks followed), or None where nothing is: one stat
+    for what pathlib's exists, is_dir and is_file would ask one each (other OS errors are the caller's)."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ELOOP):  # as pathlib counts them: nothing there
+            return None
+        raise
+
+
+def _is_file(mode: int | None) -> bool:
+    return mode is not None and stat.S_ISREG(mode)
 
 
 # sqrt of float32's largest value: the default bound on |weight| x scaling when no model says otherwise.
@@ -508,6 +534,16 @@ def _configured(
             scaling = first
         configured.append(ModuleSource(s.name, s.algorithm, s.keys, scaling, s.alpha_key, s.targets))
     return configured
+
+
+def _declared_rank(source: ModuleSource, infos: Mapping[str, TensorInfo]) -> int:
+    """The rank a file declares for a module, from its header: what its alpha is divided by (0: a LoKr of two
+    full factors applies no alpha)."""
+    role = DOWN if source.algorithm == "lora" else adapter_math.rank_role(source.algorithm, source.keys)
+    if role is None:
+        return 0
+    shape = infos[source.keys[role]].shape
+    return shape[0] if shape else 0
 
 
 def _first_dim(info: TensorInfo) -> int:
@@ -573,11 +609,11 @@ def _source_scaling(
     return scaling, alpha
 
 
-def _target_rows(b: torch.Tensor, rows: tuple[int, int] | None, swap: bool) -> torch.Tensor:
+def _target_rows(b: torch.Tensor, target: Target) -> torch.Tensor:
     """The rows of a delta's B that one target takes (a fused qkv feeds three layers), halves exchanged if asked."""
-    if rows is not None:
-        b = b[rows[0] : rows[1]]
-    if swap:
+    if target.rows is not None:
+        b = b[target.rows[0] : target.rows[1]]
+    if target.swap:
         half = b.shape[0] // 2
         b = torch.cat([b[half:], b[:half]])
     return b
@@ -598,7 +634,7 @@ def _check_magnitudes(
             return
         whole = torch.cat(floats)
     peak = _peak(whole) if whole.numel() else 0.0
-    factor = max(1.0, *(abs(scaling) for _, _, scaling in checks))
+    factor = max(1.0, *map(abs, map(itemgetter(2), checks)))
     if math.isfinite(peak) and peak * factor <= bound:
         return
     for name, tensor, scaling in checks:
@@ -606,10 +642,19 @@ def _check_magnitudes(
 
 
 def _peak(tensor: torch.Tensor) -> float:
-    """The largest |value| (NaN if the tensor holds a NaN or an Inf). One reduction that reads the tensor once
-    and allocates nothing of its size: aminmax is ten times faster than an inf-norm on a CPU; NaN propagates."""
-    low, high = (float(v) for v in torch.aminmax(tensor))
+    """The largest |value| (NaN if the tensor holds a NaN or an Inf), allocating nothing of the tensor's size (NaN
+    propagates). Host tensors numpy holds are reduced by numpy, on the calling thread: an adapter is a few MiB,
+    and torch's reduction of that size wakes its other threads, which costs more than the reduction (twice the
+    time, measured here in a loading server); others by aminmax (ten times faster than an inf-norm)."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
+        values = tensor.numpy()
+        low, high = float(values.min()), float(values.max())
+    else:
+        low, high = (float(v) for v in torch.aminmax(tensor))
     return max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.nan
+
+
+_NUMPY_FLOATS = (torch.float32, torch.float16, torch.float64)
 
 
 def _check_magnitude(file: Path, label: Label, tensor: torch.Tensor, scaling: float, bound: float) -> None:

@@ -22,6 +22,7 @@ import torch
 
 # The tensors of each algorithm, by their role (the part of a Kohya key after the module name).
 LORA_ROLES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
+DOWN, UP = LORA_ROLES[:2]  # a LoRA pair's roles
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR_ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 ALGORITHMS = {"lora": LORA_ROLES, "loha": LOHA_ROLES, "lokr": LOKR_ROLES}
@@ -70,18 +71,13 @@ def inner_ranks(shapes: Mapping[str, Shape]) -> dict[str, int]:
     return {role: shapes[role][0] for role in _INNER_ROLES if shapes.get(role)}
 
 
-def declared_rank(algorithm: str, shapes: Mapping[str, Shape]) -> int:
-    """The rank a file declares for a module: what its alpha is divided by (0: LoKr applies no alpha)."""
-    role = rank_role(algorithm, shapes)
-    return shapes[role][0] if role is not None else 0
-
-
 def pair_shapes(algorithm: str, shapes: Mapping[str, Shape], weight: Shape) -> tuple[Shape, Shape]:
     """The shapes of the exact pair (A, B) for a layer whose weight is `weight` ((out, in) or (out, in, kh,
     kw), out counting every target row of a fused module); NotAPair when the tensors cannot make it."""
-    given = _given_pair(shapes, weight) if algorithm == "lora" and len(weight) == 2 and len(shapes) == 2 else None
-    if given is not None:
-        return given
+    if algorithm == "lora" and len(shapes) == 2:
+        given = given_pair(shapes.get("lora_down.weight"), shapes.get("lora_up.weight"), weight)
+        if given is not None:
+            return given
     out, fan_in, kernel = weight[0], math.prod(weight[1:]), weight[2:]
     rank = _pair_rank(algorithm, shapes, out, fan_in, kernel)
     full = min(out, fan_in)
@@ -91,12 +87,14 @@ def pair_shapes(algorithm: str, shapes: Mapping[str, Shape], weight: Shape) -> t
     return a_shape, b_shape
 
 
-def _given_pair(shapes: Mapping[str, Shape], weight: Shape) -> tuple[Shape, Shape] | None:
-    """The common case, a LoRA of a Linear whose two tensors already are its exact pair: nothing to work out."""
-    down, up = shapes.get("lora_down.weight"), shapes.get("lora_up.weight")
-    if down is None or up is None or len(down) != 2 or down[1] != weight[1] or down[0] > min(weight):
+def given_pair(down: Shape | None, up: Shape | None, weight: Shape) -> tuple[Shape, Shape] | None:
+    """The common case, a LoRA of a Linear whose two tensors already are its exact pair: nothing to work out
+    (None: any other case, for `pair_shapes`)."""
+    if down is None or up is None or len(weight) != 2 or len(down) != 2 or down[1] != weight[1]:
         return None
-    return (tuple(down), tuple(up)) if tuple(up) == (weight[0], down[0]) else None
+    if down[0] > min(weight) or tuple(up) != (weight[0], down[0]):
+        return None
+    return tuple(down), tuple(up)
 
 
 def _need(shapes: Mapping[str, Shape], *roles: str) -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from omni_grpc.engine.path_policy import check_path_text
+from omni_grpc.engine.path_policy import check_path_text, real_path
 from omni_grpc.engine.safetensors_reader import FileStamp, current_stamp
 from omni_grpc.engine.types import AdapterFormat, AdapterInfo, LoraRequest
 from omni_grpc.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
@@ -52,7 +52,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 def normalize_path(path: str) -> str:
     """The canonical form of an adapter path: absolute, symlinks resolved, no trailing slash."""
-    return os.path.realpath(os.path.expanduser(path))
+    return real_path(os.path.expanduser(path))
 
 
 def derive_adapter_id(path: str, expert: str = "") -> int:
@@ -61,8 +61,12 @@ def derive_adapter_id(path: str, expert: str = "") -> int:
 
     The one place ids are derived; `./a`, `a/` and `/abs/a` give the same id.
     """
-    source = normalize_path(path) + (f"\0{expert}" if expert else "")
-    digest = hashlib.sha256(source.encode("utf-8")).digest()
+    return _id_of(normalize_path(path), expert)
+
+
+def _id_of(normalized: str, expert: str) -> int:
+    """derive_adapter_id of a path already normalised (a table key's)."""
+    digest = hashlib.sha256((normalized + (f"\0{expert}" if expert else "")).encode("utf-8")).digest()
     return (int.from_bytes(digest[:8], "big") & MAX_ADAPTER_ID) or 1
 
 
@@ -394,12 +398,12 @@ class AdapterTable:
     ) -> _Pending:
         """The id and name of a first load. With `labels_only` (a request), a taken id or name is dropped for
         the derived id and a default name; for an admin it is ALREADY_EXISTS."""
-        derived = derive_adapter_id(*key)
+        derived = _id_of(*key)
         if adapter_id is not None and labels_only and not self._id_free_locked(adapter_id, key):
             adapter_id = None
         new_id = adapter_id if adapter_id is not None else derived
         self._check_id_free_locked(new_id, key)
-        if name is not None and labels_only and name in self._taken_names_locked():
+        if name is not None and labels_only and self._name_taken_locked(name):
             name = None
         return _Pending(new_id, self._choose_name_locked(key, new_id, name), explicit_name=name is not None)
 
@@ -677,13 +681,13 @@ class AdapterTable:
             whose = f"the adapter '{holder.name}'" if holder else "an adapter being loaded"
             raise AlreadyExists(f"adapter id {adapter_id} is already bound to {whose}", field="id")
 
-    def _taken_names_locked(self) -> set[str]:
-        return set(self._by_name) | {p.name for p in self._pending.values()}
+    def _name_taken_locked(self, name: str) -> bool:
+        # (Asked at every first load: no copy of the table's names.)
+        return name in self._by_name or any(p.name == name for p in self._pending.values())
 
     def _choose_name_locked(self, key: AdapterKey, adapter_id: int, name: str | None) -> str:
-        taken = self._taken_names_locked()
         if name is not None:
-            if name in taken:
+            if self._name_taken_locked(name):
                 holder = self._by_name.get(name)
                 whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
                 raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
@@ -694,7 +698,7 @@ class AdapterTable:
         base = f"{base}.{expert}" if expert else base
         candidate = base if NAME_PATTERN.match(base) else f"lora-{adapter_id:x}"
         # A default name never fails a load: two folders both called "lora" get distinct names.
-        return candidate if candidate not in taken else f"{candidate[:100]}-{adapter_id:x}"
+        return candidate if not self._name_taken_locked(candidate) else f"{candidate[:100]}-{adapter_id:x}"
 
     def _make_room_locked(self, *, by_request: bool) -> AdapterEntry | None:
         # Loads in flight do not count: they take a slot only once their file has been read and checked.

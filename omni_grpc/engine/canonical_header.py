@@ -23,7 +23,6 @@ from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_F
 
 # No tensor has more dimensions than this; more is left to the general check (its products stay cheap there).
 _MAX_DIMS = 8
-_FIELDS = ("dtype", "shape", "data_offsets")
 
 CheckedHeader = tuple[Mapping[str, TensorInfo], Mapping[str, str], str | None]
 
@@ -36,35 +35,33 @@ def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeade
         pairs = json.loads(text, object_pairs_hook=list)
     except (ValueError, RecursionError):
         return None
-    if type(pairs) is not list or not pairs:
-        return None
+    if type(pairs) is not list or not pairs or type(pairs[0]) is not tuple:
+        return None  # an object's members are tuples, and an array's elements never are: not an object
     metadata: dict[str, str] | None = None
+    if pairs[0][0] == "__metadata__":
+        metadata = _strings(pairs[0][1])
+        if metadata is None:
+            return None
+        pairs = pairs[1:]
+    if not pairs or len(pairs) > max_tensors:
+        return None
     tensors: dict[str, TensorInfo] = {}
     numbers: list[Any] = []  # every dimension and offset, judged together below
-    reach, count = 0, 0
-    for pair in pairs:
-        if type(pair) is not tuple:  # the header was an array, not an object
+    reach = 0
+    for key, value in pairs:
+        # (A 3-list led by a tuple is an object of three members, as above; its fields come in one order.)
+        if type(value) is not list or len(value) != 3 or type(value[0]) is not tuple or len(key) > MAX_KEY_CHARS:
             return None
-        key, value = pair
-        if key == "__metadata__":
-            if metadata is not None or count or type(value) is not list:
-                return None
-            metadata = _strings(value)
-            if metadata is None:
-                return None
-            continue
-        count += 1
-        if type(value) is not list or len(value) != 3 or len(key) > MAX_KEY_CHARS:
+        (first, dtype), (second, shape), (third, offsets) = value
+        if first != "dtype" or second != "shape" or third != "data_offsets" or type(dtype) is not str:
             return None
-        first, second, third = value
-        if type(first) is not tuple or type(second) is not tuple or type(third) is not tuple:
-            return None
-        if (first[0], second[0], third[0]) != _FIELDS:
-            return None
-        dtype, shape, offsets = first[1], second[1], third[1]
-        if type(dtype) is not str or type(shape) is not list or type(offsets) is not list:
-            return None
-        if dtype not in DTYPE_SIZES or len(offsets) != 2 or len(shape) > _MAX_DIMS:
+        if (
+            dtype not in DTYPE_SIZES
+            or type(shape) is not list
+            or type(offsets) is not list
+            or len(offsets) != 2
+            or len(shape) > _MAX_DIMS
+        ):
             return None
         numbers += shape
         numbers += offsets
@@ -74,24 +71,27 @@ def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeade
             return None
         reach = end
         tensors[key] = TensorInfo(dtype, tuple(shape), begin, end)
-    if not tensors or len(tensors) != count or count > max_tensors or reach != data_len:
+    # One entry per tensor (no key twice, no __metadata__ but the first), tiling the data region.
+    if len(tensors) != len(pairs) or "__metadata__" in tensors or reach != data_len:
         return None
     # Integers (bools are not), none negative, none beyond any file's size: then the products below are small.
     if set(map(type, numbers)) != {int} or min(numbers) < 0 or max(numbers) > MAX_FILE_BYTES:
         return None
     sizes: dict[str, int] = {}
-    for info in tensors.values():
-        nbytes = math.prod(info.shape) * DTYPE_SIZES[info.dtype]
-        if nbytes != info.end - info.begin:
+    for dtype, shape, begin, end in tensors.values():
+        nbytes = end - begin
+        if math.prod(shape) * DTYPE_SIZES[dtype] != nbytes:
             return None
-        if info.dtype in FLOAT_DTYPES:
-            sizes[info.dtype] = sizes.get(info.dtype, 0) + nbytes
-    main_float = max(sizes, key=lambda name: sizes[name]) if sizes else None
+        sizes[dtype] = sizes.get(dtype, 0) + nbytes
+    floats = [name for name in sizes if name in FLOAT_DTYPES]
+    main_float = max(floats, key=sizes.__getitem__) if floats else None
     return tensors, metadata if metadata is not None else {}, main_float
 
 
-def _strings(pairs: list[Any]) -> dict[str, str] | None:
+def _strings(pairs: Any) -> dict[str, str] | None:
     """An object of strings without a repeated key, from the parser's pairs; None for anything else."""
+    if type(pairs) is not list:
+        return None
     out: dict[str, str] = {}
     for pair in pairs:
         if type(pair) is not tuple or type(pair[1]) is not str:

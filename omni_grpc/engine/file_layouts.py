@@ -21,9 +21,8 @@ layouts tried.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -36,6 +35,8 @@ from omni_grpc.quoting import shown
 
 PEFT_KEY_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
+# A PEFT key's ending -> the role of its tensor.
+_PEFT_ROLES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
 TRIED = "PEFT, diffusers, diffusers' old attention-processor layout, Kohya/A1111 and LyCORIS (LoHa, LoKr)"
 # Per-module tensors of kinds this engine does not apply, by what their key ends with.
 _UNSUPPORTED_ROLES = {
@@ -61,9 +62,9 @@ _UNSUPPORTED_ROLES = {
 }
 
 
-@dataclass(frozen=True)
-class ModuleSource:
-    """One module of a file: its algorithm, its tensors by role, how it is scaled, where its delta goes."""
+class ModuleSource(NamedTuple):
+    """One module of a file: its algorithm, its tensors by role, how it is scaled, where its delta goes. (A
+    named tuple: a file has hundreds, made at every load of a new layout.)"""
 
     name: str  # as the file names it
     algorithm: str  # lora | loha | lokr
@@ -118,20 +119,12 @@ def peft_sources(
 ) -> list[ModuleSource]:
     """`<prefix><module>.lora_A.weight` / `.lora_B.weight` pairs of one component (scaled later by the config)."""
     halves: dict[str, dict[str, str]] = {}
+    start, end = len(prefix), -len(".lora_A.weight")
     for key in sorted(infos):
-        if not key.startswith(prefix):
-            raise InvalidArgument(f"{file}: key {shown(key)} is not in the form '{prefix}<module>.lora_A.weight'")
-        module, _, part = key.removeprefix(prefix).removesuffix(".weight").rpartition(".")
-        if not key.endswith(".weight") or part not in ("lora_A", "lora_B") or not module:
-            if "lora_magnitude_vector" in key:
-                raise FailedPrecondition(
-                    f"{file}: {shown(key)} is DoRA (a magnitude vector), which this server does not apply"
-                )
-            raise InvalidArgument(
-                f"{file}: key {shown(key)} is not a LoRA weight ('<module>.lora_A.weight' / "
-                "'<module>.lora_B.weight'); biases, DoRA magnitudes and other extras are not supported"
-            )
-        halves.setdefault(module, {})["lora_down.weight" if part == "lora_A" else "lora_up.weight"] = key
+        role = _PEFT_ROLES.get(key[end:])
+        if role is None or len(key) <= start - end or not key.startswith(prefix):  # no module name, or no role
+            raise _not_a_peft_key(file, key, prefix)
+        halves.setdefault(key[start:end], {})[role] = key
     sources = []
     for module, keys in halves.items():
         if len(keys) != 2:
@@ -139,6 +132,19 @@ def peft_sources(
             raise InvalidArgument(f"{file}: module {shown(module)} has no {missing} weight")
         sources.append(ModuleSource(module, "lora", keys, None, None, (Target(component, module),)))
     return sources
+
+
+def _not_a_peft_key(file: Path, key: str, prefix: str) -> InvalidArgument | FailedPrecondition:
+    if not key.startswith(prefix):
+        return InvalidArgument(f"{file}: key {shown(key)} is not in the form '{prefix}<module>.lora_A.weight'")
+    if "lora_magnitude_vector" in key:
+        return FailedPrecondition(
+            f"{file}: {shown(key)} is DoRA (a magnitude vector), which this server does not apply"
+        )
+    return InvalidArgument(
+        f"{file}: key {shown(key)} is not a LoRA weight ('<module>.lora_A.weight' / '<module>.lora_B.weight'); "
+        "biases, DoRA magnitudes and other extras are not supported"
+    )
 
 
 def old_diffusers_sources(infos: Mapping[str, TensorInfo], file: Path, naming: Naming) -> list[ModuleSource]:
@@ -249,9 +255,9 @@ def into_expert(sources: Collection[ModuleSource], denoiser: str, expert: str, f
                 "loads without an expert"
             )
         targets = tuple(
-            replace(target, component=expert) if target.component == denoiser else target for target in source.targets
+            target._replace(component=expert) if target.component == denoiser else target for target in source.targets
         )
-        moved.append(replace(source, targets=targets))
+        moved.append(source._replace(targets=targets))
     return tuple(moved)
 
 

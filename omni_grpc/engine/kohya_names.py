@@ -18,17 +18,16 @@ tensor data), serves them all:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """Where a file module's delta goes: a module of one pipeline component, all its rows or a slice of them
-    (a fused qkv feeds three layers), optionally with the two halves of the rows exchanged."""
+    (a fused qkv feeds three layers), optionally with the two halves of the rows exchanged. (A named tuple:
+    a file makes one per module it adapts, and they key the model's memo of delta shapes.)"""
 
     component: str
     module: str

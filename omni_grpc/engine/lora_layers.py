@@ -233,6 +233,7 @@ class MultiLora:
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
         self._device = device
+        self._on_cpu = device.type == "cpu"  # (asked of every tensor placed: cheaper than comparing devices)
         # The host tier; on a CPU-only machine it is the same memory as the device tier.
         self.host_device = torch.device("cpu")
         self._dtype = dtype
@@ -264,12 +265,12 @@ class MultiLora:
             if factors is not None and conv is None:
                 w1, down, up = factors
                 kron = KronFactors(self._placed(w1), self._placed(down), self._placed(up) if up is not None else None)
-            modules[name] = ModuleLora(a=self._placed(a), b=self._placed(b), scaling=scaling, conv=conv, kron=kron)
+            modules[name] = ModuleLora(self._placed(a), self._placed(b), scaling, conv, kron)
         return AdapterSlot(modules, self._device)
 
     def _placed(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor in the model's dtype on its device (itself when it is already: no call per tensor)."""
-        if tensor.dtype == self._dtype and tensor.device == self._device:
+        if tensor.dtype is self._dtype and (tensor.is_cpu if self._on_cpu else tensor.device == self._device):
             return tensor
         return tensor.to(device=self._device, dtype=self._dtype)
 

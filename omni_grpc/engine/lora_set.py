@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -20,11 +20,11 @@ from torch import nn
 
 from omni_grpc.engine import adapter_math
 from omni_grpc.engine.adapter_files import AdapterLayout, AdapterWeights
-from omni_grpc.engine.adapter_math import ModuleFit, NotAPair, Shape
+from omni_grpc.engine.adapter_math import DOWN, UP, ModuleFit, NotAPair, Shape
 from omni_grpc.engine.file_layouts import ModuleSource
 from omni_grpc.engine.kohya_names import KohyaTable, Target
 from omni_grpc.engine.lora_layers import AdapterSlot, BatchPlan, MultiLora
-from omni_grpc.engine.memo import Memo
+from omni_grpc.engine.memo import ModelFacts
 from omni_grpc.engine.safetensors_reader import MAX_TENSORS, TENSORS_PER_LAYER
 from omni_grpc.errors import FailedPrecondition
 from omni_grpc.quoting import shown
@@ -70,10 +70,11 @@ class LoraSet:
         # Attaching, moving and planning see an adapter's parts all of one version.
         self._lock = threading.Lock()
         # What the model's modules are never changes: each module's resolved name, and the weight shape each
-        # module of a file (one target, or several stacked) has its delta for, once found. Bounded: file names
-        # that resolve to nothing are never kept, but the stackings a file can ask for are many.
-        self._names: Memo[tuple[str, str], str] = Memo(_KNOWN_MODULES)
-        self._delta_shapes: Memo[tuple[Target, ...], Shape] = Memo(_KNOWN_MODULES)
+        # module of a file (one target, or several stacked) has its delta for, once found. Only what resolved is
+        # kept, so the model bounds them (and _KNOWN_MODULES does too); read without a lock, as every load of a
+        # new layout asks for each of its modules.
+        self._names = ModelFacts[tuple[str, str], str](_KNOWN_MODULES)
+        self._delta_shapes = ModelFacts[tuple[Target, ...], Shape](_KNOWN_MODULES)
 
     # ---- the model, as the file layouts see it (file_layouts.Naming) -----------------------------
 
@@ -100,17 +101,29 @@ class LoraSet:
         return math.sqrt(float(torch.finfo(self._dtype).max))
 
     def check_layout(self, layout: AdapterLayout) -> dict[str, ModuleFit]:
-        """How each module of the file goes into the model; FailedPrecondition naming the first module that is
-        missing, of a kind LoRA cannot adapt, or of other shapes."""
+        """How each module of the file goes into the model; FailedPrecondition naming the first module (by name)
+        that is missing, of a kind LoRA cannot adapt, or of other shapes."""
+        try:
+            return self._fits(layout, layout.sources)
+        except FailedPrecondition:  # judged again in name order, for the refusal that names the first
+            self._fits(layout, sorted(layout.sources, key=lambda s: s.name))
+            raise
+
+    def _fits(self, layout: AdapterLayout, sources: Iterable[ModuleSource]) -> dict[str, ModuleFit]:
         fits: dict[str, ModuleFit] = {}
-        for source in sorted(layout.sources, key=lambda s: s.name):
-            delta = self._delta_shape(layout.path, source)
-            shapes = layout.shapes(source)
-            try:
-                a, b = adapter_math.pair_shapes(source.algorithm, shapes, delta)
-            except NotAPair as exc:
-                raise FailedPrecondition(_misfit(layout.path, source, shapes, delta, str(exc))) from None
-            fits[source.name] = ModuleFit(delta, a, b)
+        infos, known = layout.infos, self._delta_shapes.get
+        for source in sources:
+            delta, keys = known(source.targets) or self._delta_shape(layout.path, source), source.keys
+            given = None
+            if len(keys) == 2 and DOWN in keys and UP in keys:  # (most modules: their own two tensors are the pair)
+                given = adapter_math.given_pair(infos[keys[DOWN]].shape, infos[keys[UP]].shape, delta)
+            if given is None:
+                shapes = {role: infos[key].shape for role, key in keys.items()}
+                try:
+                    given = adapter_math.pair_shapes(source.algorithm, shapes, delta)
+                except NotAPair as exc:
+                    raise FailedPrecondition(_misfit(layout.path, source, shapes, delta, str(exc))) from None
+            fits[source.name] = ModuleFit(delta, *given)
         return fits
 
     def _delta_shape(self, path: str, source: ModuleSource) -> Shape:

@@ -1,6 +1,7 @@
-"""A small, bounded, thread-safe map that forgets the least recently used entry first.
+"""Small, bounded, thread-safe maps: `Memo` forgets the least recently used entry first; `ModelFacts` keeps
+the first ones it is told, for facts that never change.
 
-Adapter loads keep in one what a file's header alone decides (fine-tunes made with one recipe share their
+Adapter loads keep in a Memo what a file's header alone decides (fine-tunes made with one recipe share their
 layout byte for byte, and judging it again for each costs more than reading a small adapter's tensors); the
 batch sizer keeps what each batch shape has cost (clients choose the shapes: the map must stay bounded).
 """
@@ -42,3 +43,17 @@ class Memo(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+class ModelFacts(dict[K, V]):
+    """Facts about a model that never change once found (a module's resolved name, a delta's shape): a plain
+    dict, read without a lock (a dict read is atomic, and a load of a new layout asks for every one of its
+    modules), that keeps only the first `entries` facts it is told (more than any model has modules)."""
+
+    def __init__(self, entries: int) -> None:
+        super().__init__()
+        self._entries = entries
+
+    def put(self, key: K, value: V) -> None:
+        if len(self) < self._entries:
+            self[key] = value

@@ -101,10 +101,9 @@ class SafetensorsFile:
         self.file = file
         self._max_tensors = max_tensors
         self._headers = headers
-        self._handle = open_regular(file, may_open)
+        self._handle, opened = open_regular(file, may_open)
         self._data: torch.Tensor | None = None  # the data region, once read
         try:
-            opened = os.fstat(self._handle.fileno())
             self._size = opened.st_size
             # The version of the file that was opened: a later read tells a changed file by it.
             self.stamp = stamp_of(opened)
@@ -130,8 +129,8 @@ class SafetensorsFile:
 
     @property
     def data_bytes(self) -> int:
-        """What reading every tensor allocates."""
-        return sum(info.end - info.begin for info in self.header.tensors.values())
+        """What reading every tensor allocates: the whole data region, which a checked header's tensors tile."""
+        return self._size - len(self._prefix)
 
     def values_read(self) -> torch.Tensor | None:
         """The data region of the last `read`, as elements of the float dtype most of its bytes hold: one tensor
@@ -164,19 +163,19 @@ class SafetensorsFile:
         self._data = data
         # One view of the region per dtype, and each tensor one strided view of it: a small adapter has
         # hundreds of tensors, and this is one call each.
-        regions: dict[str, torch.Tensor] = {}
+        views: dict[str, tuple[Callable[..., torch.Tensor], int]] = {}  # dtype -> its region's as_strided, itemsize
         tensors: dict[str, torch.Tensor] = {}
-        for key, info in self.header.tensors.items():
-            itemsize = DTYPE_SIZES[info.dtype]
-            if info.begin % itemsize:  # a view must start on an element boundary; a copy does
-                raw = data[info.begin : info.end].clone()
-                tensors[key] = raw.view(_TORCH_DTYPES[info.dtype]).view(info.shape)
-                continue
-            region = regions.get(info.dtype)
-            if region is None:
-                usable = data.numel() - data.numel() % itemsize
-                region = regions[info.dtype] = data[:usable].view(_TORCH_DTYPES[info.dtype])
-            tensors[key] = region.as_strided(info.shape, _contiguous_strides(info.shape), info.begin // itemsize)
+        for key, (dtype, shape, begin, end) in self.header.tensors.items():
+            view = views.get(dtype)
+            if view is None:
+                itemsize = DTYPE_SIZES[dtype]
+                region = data[: data.numel() - data.numel() % itemsize].view(_TORCH_DTYPES[dtype])
+                view = views[dtype] = (region.as_strided, itemsize)
+            strided, itemsize = view
+            if begin % itemsize:  # a view must start on an element boundary; a copy does
+                tensors[key] = data[begin:end].clone().view(_TORCH_DTYPES[dtype]).view(shape)
+            else:
+                tensors[key] = strided(shape, _contiguous_strides(shape), begin // itemsize)
         return tensors
 
     def _read_header(self) -> tuple[bytes, SafetensorsHeader]:
@@ -247,8 +246,8 @@ def open_safetensors(
 def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> tuple[Any, FileStamp]:
     """A small JSON file, strictly parsed (see `parse_json`), refused beyond `max_bytes`; and its stamp."""
     try:
-        with open_regular(file, may_open) as handle:
-            opened = os.fstat(handle.fileno())
+        handle, opened = open_regular(file, may_open)
+        with handle:
             size = opened.st_size
             if size > max_bytes:
                 raise InvalidArgument(f"{file} is {size} bytes; the limit is {max_bytes}")
@@ -292,8 +291,9 @@ def parse_json(raw: bytes | str, what: str) -> Any:
         raise InvalidArgument(f"{what} is not valid JSON: {shown(str(exc))}") from exc
 
 
-def open_regular(file: Path, may_open: MayOpen | None) -> io.BufferedReader:
-    """Open a regular file for reading; a FIFO or device (which could block or never end) is refused."""
+def open_regular(file: Path, may_open: MayOpen | None) -> tuple[io.BufferedReader, os.stat_result]:
+    """Open a regular file for reading, and what fstat said of it; a FIFO or device (which could block or never
+    end) is refused."""
     # O_NONBLOCK so that opening a FIFO does not wait for a writer; it does not affect regular files.
     fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -303,11 +303,12 @@ def open_regular(file: Path, may_open: MayOpen | None) -> io.BufferedReader:
             raise PermissionDenied(
                 f"{file} resolves outside the adapter folders this server allows (--lora-dirs)", field="path"
             )
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
             raise InvalidArgument(f"{file} is not a regular file (a directory or a device?)", field="path")
         handle = os.fdopen(fd, "rb")
         assert isinstance(handle, io.BufferedReader)  # what fdopen gives for "rb"
-        return handle
+        return handle, opened
     except BaseException:
         os.close(fd)
         raise
