@@ -619,3 +619,38 @@ _JSON = st.recursive(
 def test_fuzz_random_configs(fuzz_dir: Path, valid_blob: bytes, fields: dict[str, Any]) -> None:
     folder = peft_with_weights(fuzz_dir / "configs", valid_blob, config={**config_for(2), **fields})
     read_or_refuse(folder, max_rank=4)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["F32", "F16", "BF16", "I64"]),
+            st.sampled_from([(), (0,), (2, 3), (3, 2), (4,), (1, 1, 2)]),
+            st.integers(0, 3),  # bytes of padding before the tensor (misaligned ones are copied)
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.booleans(),
+)
+def test_the_reads_views_are_the_files_tensors(layout: list[tuple[str, tuple[int, ...], int]], reverse: bool) -> None:
+    """Tensors of one dtype and shape at equal distances come from one unbound view: every tensor still equals
+    its own bytes, with its own shape and contiguous strides, whatever the order, dtypes, gaps and alignment."""
+    infos: dict[str, safetensors_reader.TensorInfo] = {}
+    offset = 0
+    for i, (dtype, shape, gap) in enumerate(layout):
+        offset += gap
+        nbytes = safetensors_reader.DTYPE_SIZES[dtype] * int(torch.tensor(shape).prod().item() if shape else 1)
+        infos[f"t{i}"] = safetensors_reader.TensorInfo(dtype, shape, offset, offset + nbytes)
+        offset += nbytes
+    if reverse:  # headers judged by the general check may list tensors in any order
+        infos = dict(reversed(infos.items()))
+    data = torch.randint(0, 256, (offset,), dtype=torch.uint8)
+    views = safetensors_reader._views(data, infos)
+    assert views.keys() == infos.keys()
+    for key, (dtype, shape, begin, end) in infos.items():
+        want = data[begin:end].clone().view(safetensors_reader._TORCH_DTYPES[dtype]).view(shape)
+        got = views[key]
+        assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous(), key
+        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), key  # bit for bit

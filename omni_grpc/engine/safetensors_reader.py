@@ -161,22 +161,7 @@ class SafetensorsFile:
         if again != self._prefix or stamp_of(os.fstat(self._handle.fileno())) != self.stamp:
             raise InvalidArgument(f"{file} changed while it was being read; retry once it is written")
         self._data = data
-        # One view of the region per dtype, and each tensor one strided view of it: a small adapter has
-        # hundreds of tensors, and this is one call each.
-        views: dict[str, tuple[Callable[..., torch.Tensor], int]] = {}  # dtype -> its region's as_strided, itemsize
-        tensors: dict[str, torch.Tensor] = {}
-        for key, (dtype, shape, begin, end) in self.header.tensors.items():
-            view = views.get(dtype)
-            if view is None:
-                itemsize = DTYPE_SIZES[dtype]
-                region = data[: data.numel() - data.numel() % itemsize].view(_TORCH_DTYPES[dtype])
-                view = views[dtype] = (region.as_strided, itemsize)
-            strided, itemsize = view
-            if begin % itemsize:  # a view must start on an element boundary; a copy does
-                tensors[key] = data[begin:end].clone().view(_TORCH_DTYPES[dtype]).view(shape)
-            else:
-                tensors[key] = strided(shape, _contiguous_strides(shape), begin // itemsize)
-        return tensors
+        return _views(data, self.header.tensors)
 
     def _read_header(self) -> tuple[bytes, SafetensorsHeader]:
         file, size, handle = self.file, self._size, self._handle
@@ -383,6 +368,41 @@ def _judge_header(file: Path, header: Any, size: int, data_start: int, max_tenso
         )
     main_float = max(sizes, key=lambda name: sizes[name]) if sizes else None
     return SafetensorsHeader(file=file, tensors=tensors, metadata=metadata, main_float=main_float)
+
+
+def _views(data: torch.Tensor, infos: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
+    """Every tensor of a data region as a view of it. Tensors of one dtype and shape at equal distances (a LoRA
+    file's A of every module, its B of every module) come from one strided view, unbound: a small adapter has
+    hundreds of tensors, and a view each costs more than the rest of its read (twice this, measured here)."""
+    runs: dict[tuple[str, tuple[int, ...]], list[Any]] = {}  # (dtype, shape) -> [keys, first, step, last begin]
+    finished: list[tuple[tuple[str, tuple[int, ...]], list[Any]]] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for key, (dtype, shape, begin, end) in infos.items():
+        if begin % DTYPE_SIZES[dtype]:  # a view must start on an element boundary; a copy does
+            tensors[key] = data[begin:end].clone().view(_TORCH_DTYPES[dtype]).view(shape)
+            continue
+        run = runs.get((dtype, shape))
+        if run is not None:
+            keys, _, step, last = run
+            if begin > last and (step is None or begin - last == step):
+                keys.append(key)
+                run[2], run[3] = begin - last, begin
+                continue
+            finished.append(((dtype, shape), run))
+        runs[(dtype, shape)] = [[key], begin, None, begin]
+    regions: dict[str, torch.Tensor] = {}
+    for (dtype, shape), (keys, first, step, _) in (*finished, *runs.items()):
+        itemsize = DTYPE_SIZES[dtype]
+        region = regions.get(dtype)
+        if region is None:
+            region = regions[dtype] = data[: data.numel() - data.numel() % itemsize].view(_TORCH_DTYPES[dtype])
+        strides = _contiguous_strides(shape)
+        if step is None:
+            tensors[keys[0]] = region.as_strided(shape, strides, first // itemsize)
+        else:
+            run_view = region.as_strided((len(keys), *shape), (step // itemsize, *strides), first // itemsize)
+            tensors.update(zip(keys, run_view.unbind(0), strict=True))
+    return tensors
 
 
 @functools.lru_cache(maxsize=4096)  # a file's shapes repeat (every layer of a kind has the same)
