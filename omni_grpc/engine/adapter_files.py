@@ -539,11 +539,8 @@ def _configured(
 def _declared_rank(source: ModuleSource, infos: Mapping[str, TensorInfo]) -> int:
     """The rank a file declares for a module, from its header: what its alpha is divided by (0: a LoKr of two
     full factors applies no alpha)."""
-    role = DOWN if source.algorithm == "lora" else adapter_math.rank_role(source.algorithm, source.keys)
-    if role is None:
-        return 0
-    shape = infos[source.keys[role]].shape
-    return shape[0] if shape else 0
+    role = adapter_math.rank_role(source.algorithm, source.keys)
+    return _first_dim(infos[source.keys[role]]) if role is not None else 0
 
 
 def _first_dim(info: TensorInfo) -> int:

@@ -111,9 +111,9 @@ class LoraSet:
 
     def _fits(self, layout: AdapterLayout, sources: Iterable[ModuleSource]) -> dict[str, ModuleFit]:
         fits: dict[str, ModuleFit] = {}
-        infos, known = layout.infos, self._delta_shapes.get
+        infos = layout.infos
         for source in sources:
-            delta, keys = known(source.targets) or self._delta_shape(layout.path, source), source.keys
+            delta, keys = self._delta_shape(layout.path, source), source.keys
             given = None
             if len(keys) == 2 and DOWN in keys and UP in keys:  # (most modules: their own two tensors are the pair)
                 given = adapter_math.given_pair(infos[keys[DOWN]].shape, infos[keys[UP]].shape, delta)
