@@ -28,11 +28,12 @@ def test_the_benchmark_writes_its_report(cache_root: Path, tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     names = [r["measurement"] for r in report["results"]]
-    assert len(names) == 24 and report["meta"]["profile"] == "smoke"
+    assert len(names) == 26 and report["meta"]["profile"] == "smoke"
     fragments = ("mixed workload, tiny", "mixed workload, small", "different adapters", "switching cost, 100")
     fragments += ("operations per denoising step, batch of 8 on 8 distinct adapters",)
     fragments += ("LoHa", "LoKr", "sdxl model", "flux model", "qwen-image model", "wan model")
-    fragments += ("cold load vs plain read", "cold load of a layout not seen before", "memory reused")
+    fragments += ("cold load vs plain read", "metadata written per run", "cold load of a layout not seen before")
+    fragments += ("memory reused",)
     for fragment in fragments:
         assert any(fragment in n for n in names), fragment
     assert all(r["ratio"] > 0 and r["ours"] > 0 and r["baseline"] > 0 for r in report["results"])

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from omni_grpc.engine import safetensors_reader
-from omni_grpc.engine.canonical_header import canonical_header
+from omni_grpc.engine.canonical_header import canonical_header, split_metadata
 from omni_grpc.engine.safetensors_reader import SafetensorsHeader, _judge_header, open_safetensors, parse_json
 from omni_grpc.errors import InvalidArgument
 
@@ -118,6 +118,9 @@ ODD: dict[str, tuple[str, int]] = {
     "a huge dimension": (text_of({"a": entry(shape=[10**30, 10**30], offsets=[0, 16])}), 16),
     "many dimensions": (text_of({"a": entry(shape=[1] * 20 + [4], offsets=[0, 16])}), 16),
     "a shape that is not a list": (text_of({"a": entry(shape={"0": 4})}), 16),  # type: ignore[arg-type]
+    "a shape that is an empty object": (text_of({"a": entry(shape={}, offsets=[0, 4])}), 4),  # type: ignore[arg-type]
+    "metadata that is an empty array": (text_of({"__metadata__": [], "a": entry()}), 16),
+    "an entry that is an empty object": (text_of({"a": {}}), 0),
     "offsets that do not match the shape": (text_of({"a": entry(offsets=[0, 12])}), 12),
     "three offsets": (text_of({"a": entry(offsets=[0, 8, 16])}), 16),
     "float offsets": (text_of({"a": entry(offsets=[0.0, 16.0])}), 16),
@@ -188,3 +191,28 @@ def test_a_written_file_header_with_its_length_prefix(tmp_path: Path) -> None:
     file.write_bytes(struct.pack("<Q", length) + raw[8 : 8 + length] + raw[8 + length :] + b"\0\0\0\0")
     with pytest.raises(InvalidArgument, match="gaps or trailing bytes"):
         open_safetensors(file)
+
+
+@pytest.mark.parametrize("case", [*WRITTEN, *ODD])
+def test_a_header_split_at_its_metadata_holds_the_same_tensors_with_any_metadata(case: str) -> None:
+    """The header memo's premise: a valid header whose metadata comes first stays valid, with the same tensors,
+    whatever other metadata (an object of strings) takes its place; so its tensor section is judged once."""
+    text, data_len = written(*WRITTEN[case]) if case in WRITTEN else ODD[case]
+    split = split_metadata(text)
+    first = judged(text, data_len)
+    if split is None or not isinstance(first, SafetensorsHeader):
+        return
+    section, metadata = split
+    assert text == '{"__metadata__":' + text_of(metadata) + "," + section
+    again = judged('{"__metadata__":{"run":"2","ss_seed":"7"},' + section, data_len)
+    assert isinstance(again, SafetensorsHeader)
+    assert again.tensors == first.tensors and first.metadata == metadata
+    assert again.metadata == {"run": "2", "ss_seed": "7"}
+
+
+def test_only_a_leading_metadata_of_strings_is_split_off() -> None:
+    assert split_metadata(text_of(BASE)) == (text_of(BASE)[len('{"__metadata__":{"k":"v"},') :], {"k": "v"})
+    for case in ("metadata last", "null metadata", "spaces", "a repeated metadata key", "a non-string metadata value"):
+        assert split_metadata(ODD[case][0]) is None, case
+    assert split_metadata('{"__metadata__":{"k":"v"}}') is None  # nothing follows it
+    assert split_metadata('{"__metadata__":{"k":"v"') is None  # not JSON

@@ -1,6 +1,7 @@
-"""Adapters of one layout (fine-tunes of one recipe: the same header bytes) are judged once per engine. A load
-that reuses the verdict gives what diffusers + peft give for its own weights and config, and still refuses what
-its own bytes hold (a NaN, an overflowing weight, trailing bytes)."""
+"""Adapters of one layout (fine-tunes of one recipe: the same tensor section of their headers, whatever metadata
+each run wrote) are judged once per engine. A load that reuses the verdict gives what diffusers + peft give for its
+own weights and config, and still refuses what its own bytes hold (a NaN, an overflowing weight, trailing bytes,
+metadata that is not an object of strings)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omni_grpc.engine.adapter_files import AdapterReader, LayoutMemo
+from omni_grpc.engine.canonical_header import split_metadata
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.memo import Memo, ModelFacts
-from omni_grpc.engine.safetensors_reader import MEMO_HEADER_BYTES
+from omni_grpc.engine.safetensors_reader import MEMO_HEADER_BYTES, open_safetensors
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
 from omni_grpc.errors import InvalidArgument
 from tests.helpers import PROMPT, started_engine
-from tests.lora_factory import edit_config, make_peft_adapter, reference_pixels
+from tests.lora_factory import edit_config, make_peft_adapter, reference_pixels, to_diffusers_file
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -91,6 +93,73 @@ def test_the_verdict_is_kept_once_per_layout_and_config(twins: list[Path]) -> No
         for key, (a, b) in first.modules.items():
             assert torch.equal(again.modules[key][0], a) and torch.equal(again.modules[key][1], b)
     assert {s for w in remembered for s in w.scalings.values()} == {2.0, 0.5}  # 8/4 and the third's 2/4
+
+
+def with_metadata(source: Path, out: Path, metadata: dict[str, str]) -> Path:
+    """A copy of a PEFT folder whose weights file carries this metadata (its tensors unchanged), as trainers that
+    write metadata per run (Kohya's ss_* entries: dates, seeds, hashes) make the fine-tunes of one recipe."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    save_file(load_file(source / WEIGHTS), out / WEIGHTS, metadata=metadata)
+    return out
+
+
+def test_fine_tunes_with_metadata_of_their_own_share_the_verdict(twins: list[Path], tmp_path: Path) -> None:
+    runs = [
+        with_metadata(twins[0], tmp_path / f"run{i}", {"format": "pt", "ss_seed": str(i), "ss_output_name": f"r{i}"})
+        for i in range(3)
+    ]
+    assert len({header_bytes(run / WEIGHTS) for run in runs}) == 3
+    fresh = AdapterReader().read(str(twins[0]))
+    memo = LayoutMemo()
+    for run in runs:
+        again = AdapterReader(memo=memo).read(str(run))
+        assert again.scalings == fresh.scalings and again.modules.keys() == fresh.modules.keys()
+        for key, (a, b) in fresh.modules.items():
+            assert torch.equal(again.modules[key][0], a) and torch.equal(again.modules[key][1], b)
+    assert len(memo.headers) == 1 and len(memo.fitted) == 1
+    with open_safetensors(runs[2] / WEIGHTS, headers=memo.headers) as opened:  # a hit, with its own metadata
+        assert opened.header.metadata == {"format": "pt", "ss_seed": "2", "ss_output_name": "r2"}
+
+
+def with_raw_metadata(source: Path, out: Path, metadata: str) -> Path:
+    """A copy of a PEFT folder whose weights file's header has `metadata` (any JSON text) first, the same tensors."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    raw = (source / WEIGHTS).read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    split = split_metadata(raw[8 : 8 + length].decode())
+    assert split is not None
+    header = ('{"__metadata__":' + metadata + "," + split[0]).encode()
+    (out / WEIGHTS).write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + length :])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ('{"ss_seed":7}', "__metadata__ must be an object of strings"),
+        ("[]", "__metadata__ must be an object of strings"),
+        ('{"k":"v","k":"w"}', "has the key 'k' more than once"),
+    ],
+)
+def test_a_judged_tensor_section_with_bad_metadata_is_refused(
+    twins: list[Path], tmp_path: Path, metadata: str, message: str
+) -> None:
+    memo = LayoutMemo()
+    AdapterReader(memo=memo).read(str(with_raw_metadata(twins[0], tmp_path / "good", '{"ss_seed":"7"}')))
+    assert len(memo.headers) == 1
+    with pytest.raises(InvalidArgument, match=message):
+        AdapterReader(memo=memo).read(str(with_raw_metadata(twins[0], tmp_path / "bad", metadata)))
+
+
+def test_a_diffusers_file_s_config_in_its_metadata_decides_with_its_tensors(twins: list[Path], tmp_path: Path) -> None:
+    """diffusers' files keep their LoraConfig in the metadata: one tensor section, two configs, two verdicts."""
+    files = [to_diffusers_file(twin, tmp_path / twin.name) for twin in (twins[0], twins[2])]  # alpha 8, alpha 2
+    memo = LayoutMemo()
+    read = [AdapterReader(memo=memo).read(str(file)) for file in files]
+    assert len(memo.headers) == 1 and len(memo.fitted) == 2
+    assert [set(weights.scalings.values()) for weights in read] == [{2.0}, {0.5}]  # 8/4, then 2/4
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ PROFILES = {
     "full": {
         "tiny": {"requests": 48, "adapters": 16, "clients": 8, "size": 64, "steps": 8, "repeat": 3},
         "small": {"requests": 12, "adapters": 6, "clients": 4, "size": 512, "steps": 4, "repeat": 3},
-        "batch": {"batch": 8, "size": 256, "steps": 2, "repeat": 3},
+        "batch": {"batch": 8, "size": 256, "steps": 2, "repeat": 5},
         "switch": {"size": 512, "iterations": 2000, "repeat": 9},
         "load": {"count": 41},
         "family": {"requests": 24, "adapters": 8, "clients": 8, "size": 64, "steps": 4, "repeat": 3},

@@ -83,7 +83,7 @@ class AdapterLayout:
 
 @dataclass(frozen=True)
 class FittedLayout:
-    """A layout the model accepted, and what reading it makes: the same for every file of the same header bytes
+    """A layout the model accepted, and what reading it makes: the same for every file of the same tensor section
     and config (see LayoutMemo)."""
 
     layout: AdapterLayout
@@ -97,15 +97,17 @@ class FittedLayout:
     targets: tuple[str, ...]
 
 
-# (layout kind, header bytes, file size, config, expert) -> the verdict for them.
-LayoutKey = tuple[str, bytes, int, str, str | None]
+# (layout kind, the header's tensor section, the data region's length, config, expert) -> the verdict for them.
+LayoutKey = tuple[str, str, int, str, str | None]
 
 
 class LayoutMemo:
     """What one engine's model said of the layouts it accepted, and the headers checked on the way: fine-tunes
-    of one recipe share both byte for byte, and judging them again costs more than a small adapter's read.
-    Only what the header and config decide is kept, for headers up to MEMO_HEADER_BYTES (so at most
-    `entries` x that many bytes of keys); every load still opens, reads and checks its own data."""
+    of one recipe share their headers' tensor sections byte for byte (not always their metadata: Kohya's scripts
+    and other trainers write theirs per run, and it is judged at every load), and judging a layout again costs
+    more than a small adapter's read. Only what the tensor section and config decide is kept, for sections up to
+    MEMO_HEADER_BYTES (so at most `entries` x that many characters of keys); every load still opens, reads and
+    checks its own data."""
 
     def __init__(self, entries: int = 32) -> None:
         self.headers: HeaderMemo = Memo(entries)
@@ -263,7 +265,8 @@ class AdapterReader:
         config = _lora_config(config, config_path)
         peft_config.check_config(config, config_path, self.max_rank)  # a bad config costs no tensor read
         with self._open(weights_path) as weights:
-            key: LayoutKey = ("peft", weights.raw_header, weights.size, json.dumps(config, sort_keys=True), self.expert)
+            config_text = json.dumps(config, sort_keys=True)
+            key: LayoutKey = ("peft", weights.tensor_section, weights.data_bytes, config_text, self.expert)
             fitted = self._remembered(key, str(folder), weights_path)
             if fitted is None:
                 infos = weights.header.tensors
@@ -283,7 +286,9 @@ class AdapterReader:
 
     def _read_file(self, file: Path, path: str) -> AdapterWeights:
         with self._open(file) as weights:
-            key: LayoutKey = ("file", weights.raw_header, weights.size, "", self.expert)
+            # (diffusers' files hold their LoraConfig in the metadata: it decides the verdict with the tensors.)
+            config_text = weights.header.metadata.get(DIFFUSERS_METADATA_KEY, "")
+            key: LayoutKey = ("file", weights.tensor_section, weights.data_bytes, config_text, self.expert)
             fitted = self._remembered(key, path, file)
             if fitted is None:
                 fitted = self._fitted(key, *self._file_layout(weights, file, path))

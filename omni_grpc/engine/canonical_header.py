@@ -23,6 +23,11 @@ from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_F
 
 # No tensor has more dimensions than this; more is left to the general check (its products stay cheap there).
 _MAX_DIMS = 8
+_METADATA_FIRST = '{"__metadata__":'
+
+
+# Parses one JSON value from a position, objects as tuples of pairs (see canonical_header).
+_PAIRS = json.JSONDecoder(object_pairs_hook=tuple)
 
 CheckedHeader = tuple[Mapping[str, TensorInfo], Mapping[str, str], str | None]
 
@@ -31,12 +36,13 @@ def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeade
     """The tensors, metadata and main float dtype of a header in the canonical form whose tensors tile a data
     region of `data_len` bytes; None for any other header (valid or not)."""
     try:
-        # Objects come back as lists of (key, value) tuples, arrays as lists: a repeated key is still there.
-        pairs = json.loads(text, object_pairs_hook=list)
+        # Objects come back as tuples of (key, value) pairs, a repeated key still there; arrays as lists (so an
+        # empty object is never taken for an empty array).
+        pairs = json.loads(text, object_pairs_hook=tuple)
     except (ValueError, RecursionError):
         return None
-    if type(pairs) is not list or not pairs or type(pairs[0]) is not tuple:
-        return None  # an object's members are tuples, and an array's elements never are: not an object
+    if type(pairs) is not tuple or not pairs:
+        return None
     metadata: dict[str, str] | None = None
     if pairs[0][0] == "__metadata__":
         metadata = _strings(pairs[0][1])
@@ -49,8 +55,8 @@ def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeade
     numbers: list[Any] = []  # every dimension and offset, judged together below
     reach = 0
     for key, value in pairs:
-        # (A 3-list led by a tuple is an object of three members, as above; its fields come in one order.)
-        if type(value) is not list or len(value) != 3 or type(value[0]) is not tuple or len(key) > MAX_KEY_CHARS:
+        # (An object of three members, whose fields come in one order.)
+        if type(value) is not tuple or len(value) != 3 or len(key) > MAX_KEY_CHARS:
             return None
         (first, dtype), (second, shape), (third, offsets) = value
         if first != "dtype" or second != "shape" or third != "data_offsets" or type(dtype) is not str:
@@ -88,9 +94,25 @@ def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeade
     return tensors, metadata if metadata is not None else {}, main_float
 
 
+def split_metadata(text: str) -> tuple[str, dict[str, str]] | None:
+    """A header whose metadata comes first (as every writer puts it), as its tensor section (all that follows the
+    metadata) and its metadata (an object of strings without a repeated key); None for any other header. The header
+    is valid exactly when its metadata is and `{` + its tensor section is without a metadata of its own."""
+    if not text.startswith(_METADATA_FIRST):
+        return None
+    try:
+        value, end = _PAIRS.raw_decode(text, len(_METADATA_FIRST))
+    except (ValueError, RecursionError):
+        return None
+    metadata = _strings(value)
+    if metadata is None or text[end : end + 1] != ",":
+        return None
+    return text[end + 1 :], metadata
+
+
 def _strings(pairs: Any) -> dict[str, str] | None:
     """An object of strings without a repeated key, from the parser's pairs; None for anything else."""
-    if type(pairs) is not list:
+    if type(pairs) is not tuple:
         return None
     out: dict[str, str] = {}
     for pair in pairs:

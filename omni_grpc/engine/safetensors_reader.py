@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from omni_grpc.engine.canonical_header import canonical_header
+from omni_grpc.engine.canonical_header import canonical_header, split_metadata
 from omni_grpc.engine.memo import Memo
 from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_FILE_BYTES, MAX_KEY_CHARS, TensorInfo
 from omni_grpc.errors import InvalidArgument, PermissionDenied
@@ -70,7 +70,7 @@ def current_stamp(file: Path) -> FileStamp | None:
 @dataclass(frozen=True)
 class SafetensorsHeader:
     """A checked header: every tensor's dtype, shape and offsets are valid for the file's size. Files whose
-    headers are the same bytes share `tensors` and `metadata` (see HeaderMemo): they are never changed."""
+    headers have the same tensor section share `tensors` (see HeaderMemo): they are never changed."""
 
     file: Path
     tensors: Mapping[str, TensorInfo]
@@ -79,8 +79,10 @@ class SafetensorsHeader:
     main_float: str | None
 
 
-# A header's bytes, its file's size and the tensor limit it was checked under -> what the check found.
-HeaderKey = tuple[bytes, int, int]
+# Whether the header's metadata came first and was split off, the rest of its text (its tensor section; the whole
+# text when nothing was split off), its data region's length and the tensor limit it was checked under -> what the
+# check found (the metadata found is used only when nothing was split off: then the whole text was the same).
+HeaderKey = tuple[bool, str, int, int]
 HeaderMemo = Memo[HeaderKey, tuple[Mapping[str, TensorInfo], Mapping[str, str], str | None]]
 
 
@@ -103,6 +105,8 @@ class SafetensorsFile:
         self._headers = headers
         self._handle, opened = open_regular(file, may_open)
         self._data: torch.Tensor | None = None  # the data region, once read
+        # The header's text without a metadata that comes first: equal sections, equal tensors (see HeaderMemo).
+        self.tensor_section = ""
         try:
             self._size = opened.st_size
             # The version of the file that was opened: a later read tells a changed file by it.
@@ -117,11 +121,6 @@ class SafetensorsFile:
 
     def __exit__(self, *_: object) -> None:
         self._handle.close()
-
-    @property
-    def raw_header(self) -> bytes:
-        """The header as the file holds it (its length, then its JSON): equal bytes, equal layout."""
-        return self._prefix
 
     @property
     def size(self) -> int:
@@ -180,10 +179,6 @@ class SafetensorsFile:
         raw = handle.read(length)
         if len(raw) != length:
             raise InvalidArgument(f"{file} is truncated: expected {length} header bytes, read {len(raw)}")
-        key: HeaderKey = (raw, size, self._max_tensors)
-        known = self._headers.get(key) if self._headers is not None else None
-        if known is not None:  # these bytes passed every check below for a file of this size
-            return prefix + raw, SafetensorsHeader(file, *known)
         separators = raw.count(b",") + raw.count(b":")
         if separators > MAX_HEADER_SEPARATORS:
             raise InvalidArgument(
@@ -195,9 +190,23 @@ class SafetensorsFile:
         entries = raw.count(b'"data_offsets"')
         if entries > self._max_tensors:
             raise InvalidArgument(f"{file} declares {entries} tensors; the limit is {self._max_tensors}{_WHY_LIMIT}")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""  # parse_json says what is wrong with it; nothing of it is remembered
+        # The tensors are judged once per tensor section (see HeaderMemo); metadata first, as every writer puts
+        # it, is judged on its own at every load: trainers write their own per run (Kohya's ss_* entries).
+        split = split_metadata(text)
+        self.tensor_section = split[0] if split is not None else text
+        key: HeaderKey = (split is not None, self.tensor_section, size - 8 - length, self._max_tensors)
+        known = self._headers.get(key) if self._headers is not None and text else None
+        if known is not None:  # this section passed every check below for a data region of this length
+            tensors, metadata, main_float = known
+            metadata = split[1] if split is not None else metadata  # (split: this file's own, judged above)
+            return prefix + raw, SafetensorsHeader(file, tensors, metadata, main_float)
         with paused_gc():
             header = _check_header(file, raw, size, 8 + length, self._max_tensors)
-        if self._headers is not None and length <= MEMO_HEADER_BYTES:
+        if self._headers is not None and text and len(self.tensor_section) <= MEMO_HEADER_BYTES:
             self._headers.put(key, (header.tensors, header.metadata, header.main_float))
         return prefix + raw, header
 
