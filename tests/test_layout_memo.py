@@ -18,7 +18,7 @@ from omni_grpc.engine.adapter_files import AdapterReader, LayoutMemo
 from omni_grpc.engine.canonical_header import split_metadata
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.memo import Memo, ModelFacts
-from omni_grpc.engine.safetensors_reader import MEMO_HEADER_BYTES, open_safetensors
+from omni_grpc.engine.safetensors_reader import MAX_HEADER_SEPARATORS, MEMO_HEADER_BYTES, open_safetensors
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
 from omni_grpc.errors import InvalidArgument
 from tests.helpers import PROMPT, started_engine
@@ -120,6 +120,7 @@ def test_fine_tunes_with_metadata_of_their_own_share_the_verdict(twins: list[Pat
     assert len(memo.headers) == 1 and len(memo.fitted) == 1
     with open_safetensors(runs[2] / WEIGHTS, headers=memo.headers) as opened:  # a hit, with its own metadata
         assert opened.header.metadata == {"format": "pt", "ss_seed": "2", "ss_output_name": "r2"}
+    assert [value[1] for _, value in memo.headers.items()] == [{}]  # no run's metadata is kept
 
 
 def with_raw_metadata(source: Path, out: Path, metadata: str) -> Path:
@@ -151,6 +152,15 @@ def test_a_judged_tensor_section_with_bad_metadata_is_refused(
     assert len(memo.headers) == 1
     with pytest.raises(InvalidArgument, match=message):
         AdapterReader(memo=memo).read(str(with_raw_metadata(twins[0], tmp_path / "bad", metadata)))
+
+
+def test_the_header_limits_hold_for_a_judged_tensor_section(twins: list[Path], tmp_path: Path) -> None:
+    """Metadata padded with separators is refused before any parse, its tensor section remembered or not."""
+    memo = LayoutMemo()
+    AdapterReader(memo=memo).read(str(twins[0]))
+    padded = with_raw_metadata(twins[0], tmp_path / "padded", '{"k":"' + ",:" * (MAX_HEADER_SEPARATORS // 2 + 1) + '"}')
+    with pytest.raises(InvalidArgument, match="separators; the limit is"):
+        AdapterReader(memo=memo).read(str(padded))
 
 
 def test_a_diffusers_file_s_config_in_its_metadata_decides_with_its_tensors(twins: list[Path], tmp_path: Path) -> None:

@@ -105,9 +105,9 @@ class LayoutMemo:
     """What one engine's model said of the layouts it accepted, and the headers checked on the way: fine-tunes
     of one recipe share their headers' tensor sections byte for byte (not always their metadata: Kohya's scripts
     and other trainers write theirs per run, and it is judged at every load), and judging a layout again costs
-    more than a small adapter's read. Only what the tensor section and config decide is kept, for sections up to
-    MEMO_HEADER_BYTES (so at most `entries` x that many characters of keys); every load still opens, reads and
-    checks its own data."""
+    more than a small adapter's read. Only what the tensor section and config decide is kept, for sections (and,
+    in layouts, sections and configs together) up to MEMO_HEADER_BYTES characters (so at most `entries` x that
+    many characters of keys in each memo); every load still opens, reads and checks its own data."""
 
     def __init__(self, entries: int = 32) -> None:
         self.headers: HeaderMemo = Memo(entries)
@@ -183,8 +183,8 @@ class AdapterReader:
         self.max_rank = max_rank
         self.may_open = may_open
         self.fit = fit
-        # Verdicts of `fit` (and checked headers) by the bytes that decided them: one memo per model and
-        # max_rank, shared by its readers.
+        # Verdicts of `fit` (and checked headers) by what decided them (the headers' tensor sections, the
+        # configs): one memo per model and max_rank, shared by its readers.
         self.memo = memo
         self.naming: Naming = fit.naming if fit is not None else NoModel()
         self.max_tensors = fit.max_tensors if fit is not None else MAX_TENSORS
@@ -337,7 +337,7 @@ class AdapterReader:
         pair_bytes = 4 * sum([math.prod(fit.a) + math.prod(fit.b) for fit in fits.values()])
         pair_bytes += sum(adapter_math.kron_bytes(layout.shapes(s)) for s in layout.sources if s.algorithm == "lokr")
         fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets))
-        if self.memo is not None and len(key[1]) <= MEMO_HEADER_BYTES:  # the memo's memory stays bounded
+        if self.memo is not None and len(key[1]) + len(key[3]) <= MEMO_HEADER_BYTES:  # its memory stays bounded
             self.memo.fitted.put(key, fitted)
         self._reserve(fitted)
         return fitted

@@ -45,7 +45,9 @@ TENSORS_PER_LAYER = 7
 _WHY_LIMIT = f" ({TENSORS_PER_LAYER} per layer of the model an adapter can adapt, at most {MAX_TENSORS})"
 # Commas and colons in a header, counted before it is parsed: they bound how many JSON values parsing makes.
 MAX_HEADER_SEPARATORS = 200_000
-# Headers up to this size are remembered once checked (see HeaderMemo); a 1,000-module adapter's is ~150 KB.
+# Tensor sections of headers up to this many characters are remembered once checked (see HeaderMemo), and layouts
+# whose section and config together are no longer (see adapter_files.LayoutMemo); a 1,000-module adapter's is
+# ~150 KB.
 MEMO_HEADER_BYTES = 256 << 10
 
 # Asked about the real path of every file opened; False refuses it (PermissionDenied).
@@ -70,7 +72,8 @@ def current_stamp(file: Path) -> FileStamp | None:
 @dataclass(frozen=True)
 class SafetensorsHeader:
     """A checked header: every tensor's dtype, shape and offsets are valid for the file's size. Files whose
-    headers have the same tensor section share `tensors` (see HeaderMemo): they are never changed."""
+    headers have the same tensor section share `tensors`, and files of the same header bytes `metadata` too (see
+    HeaderMemo): they are never changed."""
 
     file: Path
     tensors: Mapping[str, TensorInfo]
@@ -121,10 +124,6 @@ class SafetensorsFile:
 
     def __exit__(self, *_: object) -> None:
         self._handle.close()
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     @property
     def data_bytes(self) -> int:
@@ -207,7 +206,9 @@ class SafetensorsFile:
         with paused_gc():
             header = _check_header(file, raw, size, 8 + length, self._max_tensors)
         if self._headers is not None and text and len(self.tensor_section) <= MEMO_HEADER_BYTES:
-            self._headers.put(key, (header.tensors, header.metadata, header.main_float))
+            # (A split-off metadata is judged at every load, never taken from here: not kept, nor its memory.)
+            metadata = {} if split is not None else header.metadata
+            self._headers.put(key, (header.tensors, metadata, header.main_float))
         return prefix + raw, header
 
 
