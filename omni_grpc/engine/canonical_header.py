@@ -24,8 +24,6 @@ from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_F
 # No tensor has more dimensions than this; more is left to the general check (its products stay cheap there).
 _MAX_DIMS = 8
 _METADATA_FIRST = '{"__metadata__":'
-
-
 # Parses one JSON value from a position, objects as tuples of pairs (see canonical_header).
 _PAIRS = json.JSONDecoder(object_pairs_hook=tuple)
 
@@ -96,8 +94,9 @@ def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeade
 
 def split_metadata(text: str) -> tuple[str, dict[str, str]] | None:
     """A header whose metadata comes first (as every writer puts it), as its tensor section (all that follows the
-    metadata) and its metadata (an object of strings without a repeated key); None for any other header. The header
-    is valid exactly when its metadata is and `{` + its tensor section is without a metadata of its own."""
+    metadata) and its metadata (an object of strings without a repeated key); None for any other header. What the
+    header memo relies on (tests/test_canonical_header.py holds it): a header with the tensor section of a valid
+    one is valid, with the same tensors, whenever its own metadata splits off like this."""
     if not text.startswith(_METADATA_FIRST):
         return None
     try:
