@@ -376,7 +376,7 @@ class AdapterReader:
             config = {k.removeprefix(prefix): v for k, v in packed.items() if k.startswith(prefix)}
             if "r" not in config:
                 # Without a stored config diffusers assumes alpha == r; so do we, consistently.
-                rank = max(infos[s.keys["lora_down.weight"]].shape[0] for s in found)
+                rank = max(infos[s.keys[DOWN]].shape[0] for s in found)
                 config = {"r": rank, "lora_alpha": rank, **config}
             peft_config.check_config(config, file, self.max_rank)
             sources += _configured(found, infos, config, file)
@@ -531,7 +531,7 @@ def _configured(
     first: float | None = None
     configured = []
     for s in sources:
-        rank = _first_dim(infos[s.keys["lora_down.weight"]])
+        rank = _first_dim(infos[s.keys[DOWN]])
         if first is None or not uniform or rank != config["r"]:
             scaling = peft_config.module_scaling(config, s.name, rank, source_file)
             first = scaling if first is None else first

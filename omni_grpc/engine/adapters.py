@@ -408,10 +408,7 @@ class AdapterTable:
         return _Pending(new_id, self._choose_name_locked(key, new_id, name), explicit_name=name is not None)
 
     def _rename_locked(self, entry: AdapterEntry, name: str) -> None:
-        holder = self._by_name.get(name)
-        if holder is not None or name in {p.name for p in self._pending.values()}:
-            whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
-            raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
+        self._check_name_free_locked(name)
         log.info("adapter renamed id=%d name=%s new_name=%s", entry.id, loggable(entry.name), loggable(name))
         del self._by_name[entry.name]
         entry.name = name
@@ -685,12 +682,15 @@ class AdapterTable:
         # (Asked at every first load: no copy of the table's names.)
         return name in self._by_name or any(p.name == name for p in self._pending.values())
 
+    def _check_name_free_locked(self, name: str) -> None:
+        if self._name_taken_locked(name):
+            holder = self._by_name.get(name)
+            whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
+            raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
+
     def _choose_name_locked(self, key: AdapterKey, adapter_id: int, name: str | None) -> str:
         if name is not None:
-            if self._name_taken_locked(name):
-                holder = self._by_name.get(name)
-                whose = f"the adapter with id {holder.id}" if holder else "an adapter being loaded"
-                raise AlreadyExists(f"adapter name {shown(name)} is already bound to {whose}", field="name")
+            self._check_name_free_locked(name)
             return name
         norm, expert = key
         base = os.path.basename(norm)

@@ -36,7 +36,7 @@ from omni_grpc.quoting import shown
 PEFT_KEY_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
 # A PEFT key's ending -> the role of its tensor.
-_PEFT_ROLES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
+_PEFT_ROLES = {".lora_A.weight": adapter_math.DOWN, ".lora_B.weight": adapter_math.UP}
 TRIED = "PEFT, diffusers, diffusers' old attention-processor layout, Kohya/A1111 and LyCORIS (LoHa, LoKr)"
 # Per-module tensors of kinds this engine does not apply, by what their key ends with.
 _UNSUPPORTED_ROLES = {
@@ -128,7 +128,7 @@ def peft_sources(
     sources = []
     for module, keys in halves.items():
         if len(keys) != 2:
-            missing = "lora_B" if "lora_down.weight" in keys else "lora_A"
+            missing = "lora_B" if adapter_math.DOWN in keys else "lora_A"
             raise InvalidArgument(f"{file}: module {shown(module)} has no {missing} weight")
         sources.append(ModuleSource(module, "lora", keys, None, None, (Target(component, module),)))
     return sources
