@@ -75,6 +75,7 @@ def test_client_id_and_name_conflicts(server: Server, fresh: Path, model_dir: Pa
     # The same name bound to another path.
     error = rpc_error(load, server, other, name=mine.name)
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and mine.name in error.details()
+    assert "is already bound to the adapter with id 424242" in error.details()
     # The same path asked for under another id: an id never changes.
     error = rpc_error(load, server, fresh, id=99)
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "424242" in error.details()
@@ -87,6 +88,11 @@ def test_client_id_and_name_conflicts(server: Server, fresh: Path, model_dir: Pa
     reply = server.stub.Generate(request, timeout=60)
     assert reply.adapter.id == derive_adapter_id(str(other)) and reply.adapter.name == other.name
     assert listed(server)[mine.name].id == 424242 and listed(server)[other.name].id == reply.adapter.id
+    # An admin's load of a loaded adapter under a taken name: the rename is refused the same way.
+    error = rpc_error(load, server, other, name=mine.name)
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"adapter name '{mine.name}' is already bound to the adapter with id 424242" in error.details()
+    assert listed(server)[other.name].id == reply.adapter.id
     unload(server, name=mine.name)
     unload(server, name=other.name)
 
