@@ -81,6 +81,11 @@ MODULE = "base_model.model.transformer_blocks.0.attn.to_q"
         ),
         ([KEY_A], InvalidArgument, "module 'transformer_blocks.0.attn.to_q' has no lora_B weight"),
         ([KEY_B], InvalidArgument, "module 'transformer_blocks.0.attn.to_q' has no lora_A weight"),
+        (
+            [KEY_A, "base_model.model.transformer_blocks.1.attn.to_q.lora_B.weight"],
+            InvalidArgument,
+            "module 'transformer_blocks.0.attn.to_q' has no lora_B weight",
+        ),
     ],
 )
 def test_peft_keys_outside_its_layout_are_refused_by_name(

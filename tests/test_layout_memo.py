@@ -1,10 +1,12 @@
 """Adapters of one layout (fine-tunes of one recipe: the same tensor section of their headers, whatever metadata
-each run wrote) are judged once per engine. A load that reuses the verdict gives what diffusers + peft give for its
-own weights and config, and still refuses what its own bytes hold (a NaN, an overflowing weight, trailing bytes,
-metadata that is not an object of strings)."""
+each run wrote) are judged once per engine, and so is each module of a PEFT layout: a layout of modules judged
+before (in other combinations) is put together from their verdicts. A load that reuses a verdict gives what
+diffusers + peft give for its own weights and config, and still refuses what its own bytes hold (a NaN, an
+overflowing weight, trailing bytes, metadata that is not an object of strings)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omni_grpc.engine.adapter_files import AdapterReader, LayoutMemo
+from omni_grpc.engine.adapter_backend import LoadingBudget, PipelineFit
+from omni_grpc.engine.adapter_files import AdapterLayout, AdapterReader, AdapterWeights, LayoutMemo
+from omni_grpc.engine.adapter_math import ModuleFit
 from omni_grpc.engine.canonical_header import split_metadata
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.memo import Memo, ModelFacts
@@ -228,3 +232,116 @@ def test_model_facts_keep_the_first_ones_they_are_told_and_no_more() -> None:
     facts.put("a", 9)  # full: nothing more is kept, nor changed
     assert (facts.get("a"), facts.get("b"), facts.get("c")) == (0, 1, None)
     assert len(facts) == 2
+
+
+class CountingFit(PipelineFit):
+    """The engine's own verdicts, counting the layouts judged whole."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._budget = LoadingBudget(1 << 30)
+        super().__init__(engine.lora, self._budget.session().__enter__())
+        self.judged = 0
+
+    def check(self, layout: AdapterLayout) -> dict[str, ModuleFit]:
+        self.judged += 1
+        return super().check(layout)
+
+
+def reader_of(engine: Engine, memo: LayoutMemo) -> tuple[AdapterReader, CountingFit]:
+    fit = CountingFit(engine)
+    return AdapterReader(max_rank=64, fit=fit, memo=memo), fit
+
+
+def assert_same_weights(got: AdapterWeights, want: AdapterWeights) -> None:
+    assert (got.scalings, got.rank, got.alpha, got.target_modules) == (
+        want.scalings,
+        want.rank,
+        want.alpha,
+        want.target_modules,
+    )
+    assert got.modules.keys() == want.modules.keys() and not got.kron and not want.kron
+    for key, (a, b) in want.modules.items():
+        assert torch.equal(got.modules[key][0], a) and torch.equal(got.modules[key][1], b)
+
+
+@pytest.fixture(scope="module")
+def subsets(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapters of other layouts than the twins': fewer modules (at the twins' rank and alpha), fewer at another
+    alpha, and the twins' modules at another rank."""
+    root = tmp_path_factory.mktemp("subsets")
+    made = {
+        "qk": make_peft_adapter(model_dir, root / "qk", rank=4, alpha=8, targets=("to_q", "to_k"), seed=41),
+        "v": make_peft_adapter(model_dir, root / "v", rank=4, alpha=8, targets=("to_v",), seed=42),
+        "qk-alpha2": make_peft_adapter(model_dir, root / "qk2", rank=4, alpha=2, targets=("to_q", "to_k"), seed=43),
+        "rank8": make_peft_adapter(model_dir, root / "rank8", rank=8, alpha=8, seed=44),
+    }
+    return made
+
+
+def test_a_new_layout_of_judged_modules_is_put_together_from_their_verdicts(
+    engine: Engine, twins: list[Path], subsets: dict[str, Path]
+) -> None:
+    memo = LayoutMemo()
+    reader, fit = reader_of(engine, memo)
+    reader.read(str(twins[0]))  # judged whole: every module's verdict is kept
+    assert fit.judged == 1 and len(memo.modules) > 0
+    known = len(memo.modules)
+    for name in ("qk", "v"):
+        assert header_bytes(subsets[name] / WEIGHTS) != header_bytes(twins[0] / WEIGHTS)  # a layout of its own
+        got = reader.read(str(subsets[name]))
+        fresh_reader, fresh_fit = reader_of(engine, LayoutMemo())
+        assert_same_weights(got, fresh_reader.read(str(subsets[name])))
+        assert fresh_fit.judged == 1
+        # The verdict put together is the one judging it whole gives, field for field.
+        (_, put_together), (_, judged) = memo.fitted.items()[-1], fresh_reader.memo.fitted.items()[-1]  # type: ignore[union-attr]
+        assert put_together == judged
+    assert fit.judged == 1 and len(memo.modules) == known  # no layout judged whole again, no module new
+
+
+@pytest.mark.parametrize("name", ["qk-alpha2", "rank8"])
+def test_modules_judged_under_another_config_or_shape_are_judged_again(
+    engine: Engine, twins: list[Path], subsets: dict[str, Path], name: str
+) -> None:
+    memo = LayoutMemo()
+    reader, fit = reader_of(engine, memo)
+    reader.read(str(twins[0]))
+    got = reader.read(str(subsets[name]))
+    assert fit.judged == 2  # alpha 2 scales otherwise; rank 8 is another shape: judged whole
+    assert_same_weights(got, reader_of(engine, LayoutMemo())[0].read(str(subsets[name])))
+    assert set(got.scalings.values()) == ({0.5} if name == "qk-alpha2" else {1.0})  # 2/4; 8/8
+
+
+def test_an_adapter_put_together_from_judged_modules_gives_what_diffusers_and_peft_give(
+    engine: Engine, model_dir: Path, twins: list[Path], subsets: dict[str, Path]
+) -> None:
+    engine.load_adapter(str(twins[0]))  # its modules judged in this engine
+    sampling = SamplingParams(height=64, width=64, num_inference_steps=2, seed=7)
+    request = GenerateRequest(prompt=PROMPT, sampling=sampling, lora=LoraRequest(path=str(subsets["qk"])))
+    result = engine.generate(request)
+    expected = reference_pixels(model_dir, prompt=PROMPT, seed=7, adapter=subsets["qk"])
+    np.testing.assert_allclose(np.asarray(result.images[0].array), expected, rtol=0, atol=1e-4)
+
+
+def test_a_peft_file_s_own_pairs_are_taken_as_the_module_by_module_read_takes_them(
+    engine: Engine, twins: list[Path]
+) -> None:
+    """float32 pairs as the file holds them are taken in one step (FittedLayout.own); module by module (as every
+    other layout is read, and as a layout whose peak is beyond the bound is, to name its tensor) gives the same."""
+    memo = LayoutMemo()
+    reader, _ = reader_of(engine, memo)
+    taken = reader.read(str(twins[1]))
+    ((key, fitted),) = memo.fitted.items()
+    assert fitted.own is not None and len(fitted.own.modules) == len(taken.modules)
+    memo.fitted.put(key, dataclasses.replace(fitted, own=None))
+    assert_same_weights(reader.read(str(twins[1])), taken)
+
+
+def test_a_half_precision_file_is_read_module_by_module(engine: Engine, twins: list[Path], tmp_path: Path) -> None:
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "adapter_config.json").write_bytes((twins[0] / "adapter_config.json").read_bytes())
+    save_file({k: v.half() for k, v in load_file(twins[0] / WEIGHTS).items()}, half / WEIGHTS)
+    memo = LayoutMemo()
+    got = reader_of(engine, memo)[0].read(str(half))
+    assert memo.fitted.items()[0][1].own is None  # its pairs are made (float32), not taken
+    assert all(a.dtype is torch.float32 is b.dtype for a, b in got.modules.values())

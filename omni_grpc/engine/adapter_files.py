@@ -59,6 +59,8 @@ MAX_CONFIG_BYTES = 1 << 20
 # alpha / r beyond this is no adapter anyone trained (see peft_config).
 MAX_SCALING = peft_config.MAX_SCALING
 MAX_RANK_FLAG = peft_config.MAX_RANK_FLAG
+# Module verdicts a LayoutMemo keeps (see LayoutMemo.modules): more than any model has modules.
+MODULE_VERDICTS = 16384
 # One adapted module of one component of the pipeline: ("unet", "mid_block.attentions.0.proj_in").
 ModuleKey = tuple[str, str]
 # What a label in a magnitude check renders as: before + the quoted name + after (made only on failure).
@@ -95,10 +97,37 @@ class FittedLayout:
     nbytes: int
     alpha: float | None
     targets: tuple[str, ...]
+    # Set when every module's exact pair is the file's own two float32 tensors as they are (PEFT, diffusers):
+    # what a load takes, worked out once per layout (a small adapter's hundreds of modules, each judged at
+    # every load, cost more than its read).
+    own: OwnPairs | None = None
+
+
+# How a load takes one module's exact pair straight from the file: the keys of its two tensors, the module it
+# goes into, its scaling.
+OwnPair = tuple[str, str, ModuleKey, float]
+
+
+@dataclass(frozen=True)
+class OwnPairs:
+    """Every module of a layout as an OwnPair, in columns; `factor`: the largest |scaling|, at least 1."""
+
+    downs: tuple[str, ...]
+    ups: tuple[str, ...]
+    modules: tuple[ModuleKey, ...]
+    scalings: tuple[float, ...]
+    factor: float
 
 
 # (layout kind, the header's tensor section, the data region's length, config, expert) -> the verdict for them.
 LayoutKey = tuple[str, str, int, str, str | None]
+
+
+# A PEFT module as a verdict on it depends on: its name, its two tensors' dtypes and shapes, the config's
+# (r, lora_alpha, use_rslora), the expert -> its source (as configured and placed), fit and declared rank.
+ModuleVerdictKey = tuple[str, str, Shape, str, Shape, tuple[Any, Any, Any], str | None]
+# (..., what making its exact pair allocates, how a load takes it when the file holds it as it is)
+JudgedModule = tuple[ModuleSource, ModuleFit, int, int, OwnPair | None]
 
 
 class LayoutMemo:
@@ -112,6 +141,10 @@ class LayoutMemo:
     def __init__(self, entries: int = 32) -> None:
         self.headers: HeaderMemo = Memo(entries)
         self.fitted: Memo[LayoutKey, FittedLayout] = Memo(entries)
+        # Modules, whatever layout they came in: adapters for one model name its modules, a few hundred to a
+        # few thousand, in many combinations (attention only, attention and feed-forward, ...): a layout of
+        # modules judged before is put together from their verdicts, not judged whole again.
+        self.modules: Memo[ModuleVerdictKey, JudgedModule] = Memo(MODULE_VERDICTS)
 
 
 class ModelFit(Protocol):
@@ -269,6 +302,8 @@ class AdapterReader:
             key: LayoutKey = ("peft", weights.tensor_section, weights.data_bytes, config_text, self.expert)
             fitted = self._remembered(key, str(folder), weights_path)
             if fitted is None:
+                fitted = self._of_known_modules(key, folder, weights, config)
+            if fitted is None:
                 infos = weights.header.tensors
                 self._check_ranks_and_dtypes(infos, weights_path, None)
                 sources = file_layouts.peft_sources(infos, weights_path, self.naming.denoiser)
@@ -278,6 +313,7 @@ class AdapterReader:
                 )
                 targets = _display_targets(config, sources)
                 fitted = self._fitted(key, layout, _display_alpha(config), targets)
+                self._remember_modules(fitted, config)
             adapter = self._load(weights, fitted)
         if current_stamp(config_path) != config_stamp:  # half an old config with new weights is no adapter
             raise InvalidArgument(f"{config_path} changed while the adapter was being read; retry once it is written")
@@ -326,6 +362,48 @@ class AdapterReader:
         self._reserve(fitted)
         return fitted
 
+    def _of_known_modules(
+        self, key: LayoutKey, folder: Path, weights: SafetensorsFile, config: dict[str, Any]
+    ) -> FittedLayout | None:
+        """A PEFT layout not seen before whose every module the model judged before, in other layouts of the same
+        config (see LayoutMemo.modules): its verdict put together from theirs, as judging it whole would give it. None
+        when any module is new (or the layout anything but pairs): then it is judged whole."""
+        memo, infos = self.memo, weights.header.tensors
+        if memo is None or self.fit is None or config.get("rank_pattern") or config.get("alpha_pattern"):
+            return None
+        names = sorted(infos)
+        modules = file_layouts.paired_modules(names, file_layouts.PEFT_KEY_PREFIX)
+        if modules is None:
+            return None
+        scaled = _scaled_by(config)
+        tensor = infos.__getitem__
+        keys = [
+            (module, down.dtype, down.shape, up.dtype, up.shape, scaled, self.expert)
+            for module, down, up in zip(modules, map(tensor, names[0::2]), map(tensor, names[1::2]), strict=True)
+        ]
+        known = memo.modules.get_all(keys)
+        if None in known:
+            return None
+        judged: list[JudgedModule] = known  # type: ignore[assignment]  # (none is None)
+        sources, fit_list, rank_list, nbytes, own = zip(*judged, strict=True)
+        layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights.file, sources, infos, weights.data_bytes)
+        fits = dict(zip([source.name for source in sources], fit_list, strict=True))
+        alpha, targets = _display_alpha(config), _display_targets(config, list(sources))
+        return self._put_together(key, layout, fits, rank_list, sum(nbytes), alpha, targets, list(own))
+
+    def _remember_modules(self, fitted: FittedLayout, config: dict[str, Any]) -> None:
+        """Each module's verdict in a PEFT layout judged whole, for `_of_known_modules`."""
+        if self.memo is None or self.fit is None or config.get("rank_pattern") or config.get("alpha_pattern"):
+            return
+        layout, scaled = fitted.layout, _scaled_by(config)
+        items: list[tuple[ModuleVerdictKey, JudgedModule]] = []
+        for source, rank in zip(layout.sources, fitted.ranks, strict=True):
+            down, up = layout.infos[source.keys[DOWN]], layout.infos[source.keys[UP]]
+            key = (source.name, down.dtype, down.shape, up.dtype, up.shape, scaled, self.expert)
+            fit = fitted.fits[source.name]
+            items.append((key, (source, fit, rank, _pair_bytes(fit), _own_pair(source, fit, layout.infos))))
+        self.memo.modules.put_all(items)
+
     def _fitted(self, key: LayoutKey, layout: AdapterLayout, alpha: float | None, targets: list[str]) -> FittedLayout:
         """The layout as it goes into the model (into its expert), and the model's verdict: each module's delta
         shape (or the refusal), before a byte of tensor data is read; room reserved for what the read makes."""
@@ -334,9 +412,26 @@ class AdapterReader:
             layout = replace(layout, sources=sources)
         fits = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
         ranks = tuple([_declared_rank(s, layout.infos) for s in layout.sources])
-        pair_bytes = 4 * sum([math.prod(fit.a) + math.prod(fit.b) for fit in fits.values()])
+        pair_bytes = sum([_pair_bytes(fit) for fit in fits.values()])
         pair_bytes += sum(adapter_math.kron_bytes(layout.shapes(s)) for s in layout.sources if s.algorithm == "lokr")
-        fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets))
+        own = [_own_pair(s, fits[s.name], layout.infos) for s in layout.sources]
+        return self._put_together(key, layout, fits, ranks, pair_bytes, alpha, targets, own)
+
+    def _put_together(
+        self,
+        key: LayoutKey,
+        layout: AdapterLayout,
+        fits: dict[str, ModuleFit],
+        ranks: tuple[int, ...],
+        pair_bytes: int,
+        alpha: float | None,
+        targets: list[str],
+        own: list[OwnPair | None],
+    ) -> FittedLayout:
+        """The verdict on a layout from its modules' (`pair_bytes`: what making their exact pairs allocates; `own`:
+        how a load takes each from the file, if it can), remembered; room reserved for what the read makes."""
+        pairs = _own_pairs(own, len(layout.infos)) if alpha is not None else None
+        fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets), pairs)
         if self.memo is not None and len(key[1]) + len(key[3]) <= MEMO_HEADER_BYTES:  # its memory stays bounded
             self.memo.fitted.put(key, fitted)
         self._reserve(fitted)
@@ -427,6 +522,20 @@ class AdapterReader:
         tensors = weights.read()
         whole = weights.values_read()
         bound = self.fit.max_abs_weight if self.fit is not None else _FLOAT32_SAFE
+        plan = fitted.own
+        if plan is not None and whole is not None and _within(whole, plan.factor, bound):
+            taken = zip(map(tensors.__getitem__, plan.downs), map(tensors.__getitem__, plan.ups), strict=True)
+            return AdapterWeights(
+                path=layout.path,
+                format=layout.format,
+                modules=dict(zip(plan.modules, taken, strict=True)),
+                scalings=dict(zip(plan.modules, plan.scalings, strict=True)),
+                alpha=fitted.alpha if fitted.alpha is not None else 1.0,  # (never None where `own` is set)
+                rank=max(fitted.ranks),
+                target_modules=list(fitted.targets),
+                files=((str(layout.file), weights.stamp),),
+            )
+        # Any other layout, or a peak beyond the bound: module by module (which names the tensor to blame).
         modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
         scalings: dict[ModuleKey, float] = {}
         alphas: list[float] = []
@@ -541,6 +650,42 @@ def _configured(
     return configured
 
 
+def _own_pair(source: ModuleSource, fit: ModuleFit, infos: Mapping[str, TensorInfo]) -> OwnPair | None:
+    """How a load takes this module's exact pair from the file, when the pair is its own two float32 tensors as
+    they are, for one whole target, scaled by a config (None for any other module)."""
+    keys, targets = source.keys, source.targets
+    if source.algorithm != "lora" or source.scaling is None or len(keys) != 2 or len(targets) != 1:
+        return None
+    down, up, target = keys.get(DOWN), keys.get(UP), targets[0]
+    if down is None or up is None or target.rows is not None or target.swap:
+        return None
+    a, b = infos[down], infos[up]
+    if a.dtype != "F32" or b.dtype != "F32" or a.shape != fit.a or b.shape != fit.b:
+        return None
+    return down, up, (target.component, target.module), source.scaling
+
+
+def _own_pairs(own: list[OwnPair | None], tensors: int) -> OwnPairs | None:
+    """The layout's modules in columns, when every one is an OwnPair, their tensors are all the file holds (so
+    its data region is float32 throughout, and its peak bounds them all) and no two go into the same module."""
+    if not own or None in own or 2 * len(own) != tensors:
+        return None
+    downs, ups, modules, scalings = zip(*own, strict=True)
+    if len(set(modules)) != len(modules) or len({*downs, *ups}) != tensors:
+        return None  # (the general path names a module adapted twice)
+    return OwnPairs(downs, ups, modules, scalings, max(1.0, *map(abs, scalings)))
+
+
+def _pair_bytes(fit: ModuleFit) -> int:
+    """What a module's exact pair takes in float32."""
+    return 4 * (math.prod(fit.a) + math.prod(fit.b))
+
+
+def _scaled_by(config: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What of a config without patterns decides its modules' scaling (peft_config.module_scaling)."""
+    return config["r"], config.get("lora_alpha", config["r"]), config.get("use_rslora")
+
+
 def _declared_rank(source: ModuleSource, infos: Mapping[str, TensorInfo]) -> int:
     """The rank a file declares for a module, from its header: what its alpha is divided by (0: a LoKr of two
     full factors applies no alpha)."""
@@ -635,12 +780,16 @@ def _check_magnitudes(
         if not floats:
             return
         whole = torch.cat(floats)
-    peak = _peak(whole) if whole.numel() else 0.0
-    factor = max(1.0, *map(abs, map(itemgetter(2), checks)))
-    if math.isfinite(peak) and peak * factor <= bound:
+    if _within(whole, max(1.0, *map(abs, map(itemgetter(2), checks))), bound):
         return
     for name, tensor, scaling in checks:
         _check_magnitude(file, name, tensor, scaling, bound)
+
+
+def _within(values: torch.Tensor, factor: float, bound: float) -> bool:
+    """No NaN or Inf among the values, and none beyond `bound` once multiplied by `factor`."""
+    peak = _peak(values) if values.numel() else 0.0
+    return math.isfinite(peak) and peak * factor <= bound
 
 
 def _peak(tensor: torch.Tensor) -> float:

@@ -36,7 +36,8 @@ from omni_grpc.quoting import shown
 PEFT_KEY_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_", "lycoris_")
 # A PEFT key's ending -> the role of its tensor.
-_PEFT_ROLES = {".lora_A.weight": adapter_math.DOWN, ".lora_B.weight": adapter_math.UP}
+_DOWN_END, _UP_END = ".lora_A.weight", ".lora_B.weight"
+_PEFT_ROLES = {_DOWN_END: adapter_math.DOWN, _UP_END: adapter_math.UP}
 TRIED = "PEFT, diffusers, diffusers' old attention-processor layout, Kohya/A1111 and LyCORIS (LoHa, LoKr)"
 # Per-module tensors of kinds this engine does not apply, by what their key ends with.
 _UNSUPPORTED_ROLES = {
@@ -118,19 +119,49 @@ def peft_sources(
     infos: Mapping[str, TensorInfo], file: Path, component: str, prefix: str = PEFT_KEY_PREFIX
 ) -> list[ModuleSource]:
     """`<prefix><module>.lora_A.weight` / `.lora_B.weight` pairs of one component (scaled later by the config)."""
+    keys = sorted(infos)
+    modules = paired_modules(keys, prefix)
+    if modules is None:  # something else than whole pairs: judged key by key, for the message
+        return _judged_peft_sources(keys, file, component, prefix)
+    down, up = adapter_math.DOWN, adapter_math.UP
+    return [
+        ModuleSource(module, "lora", {down: a, up: b}, None, None, (Target(component, module),))
+        for module, a, b in zip(modules, keys[0::2], keys[1::2], strict=True)
+    ]
+
+
+def paired_modules(keys: list[str], prefix: str) -> list[str] | None:
+    """The modules of sorted keys that are all `<prefix><module>.lora_A.weight` each followed by the same module's
+    `.lora_B.weight`, as PEFT writes them (None for anything else). Judged in bulk, a few passes in C: a layout
+    not seen before has hundreds of keys, and a Python step per key cost more than reading a small adapter."""
+    downs, ups = keys[0::2], keys[1::2]
+    start, end = len(prefix), -len(_DOWN_END)
+    modules = [key[start:end] for key in downs]
+    if (
+        len(downs) != len(ups)
+        or "" in modules  # (a key that is no more than prefix and ending)
+        or [prefix + module + _DOWN_END for module in modules] != downs
+        or [prefix + module + _UP_END for module in modules] != ups
+    ):
+        return None
+    return modules
+
+
+def _judged_peft_sources(keys: list[str], file: Path, component: str, prefix: str) -> list[ModuleSource]:
+    """`peft_sources` key by key, refusing the first key that is no PEFT key and a module without both halves."""
     halves: dict[str, dict[str, str]] = {}
-    start, end = len(prefix), -len(".lora_A.weight")
-    for key in sorted(infos):
+    start, end = len(prefix), -len(_DOWN_END)
+    for key in keys:
         role = _PEFT_ROLES.get(key[end:])
         if role is None or len(key) <= start - end or not key.startswith(prefix):  # no module name, or no role
             raise _not_a_peft_key(file, key, prefix)
         halves.setdefault(key[start:end], {})[role] = key
     sources = []
-    for module, keys in halves.items():
-        if len(keys) != 2:
-            missing = "lora_B" if adapter_math.DOWN in keys else "lora_A"
+    for module, roles in halves.items():
+        if len(roles) != 2:
+            missing = "lora_B" if adapter_math.DOWN in roles else "lora_A"
             raise InvalidArgument(f"{file}: module {shown(module)} has no {missing} weight")
-        sources.append(ModuleSource(module, "lora", keys, None, None, (Target(component, module),)))
+        sources.append(ModuleSource(module, "lora", roles, None, None, (Target(component, module),)))
     return sources
 
 

@@ -64,6 +64,8 @@ class LoraSet:
         self._kohya_table = kohya_table
         self._device = device
         self._dtype = dtype
+        # The largest |weight| x scaling the model's dtype computes with: beyond, only overflow.
+        self.max_abs_weight = math.sqrt(float(torch.finfo(dtype).max))
         self.host_device = torch.device("cpu")
         # Adapter key -> its slots, for every part it adapts.
         self._slots: dict[str, AdapterSlots] = {}
@@ -94,11 +96,6 @@ class LoraSet:
         return "denoiser" if component == self._denoiser else component
 
     # ---- the verdict on a layout (any thread) ----------------------------------------------------
-
-    @property
-    def max_abs_weight(self) -> float:
-        """The largest |weight| x scaling the model's dtype computes with: beyond, only overflow."""
-        return math.sqrt(float(torch.finfo(self._dtype).max))
 
     def check_layout(self, layout: AdapterLayout) -> dict[str, ModuleFit]:
         """How each module of the file goes into the model; FailedPrecondition naming the first module (by name)
@@ -196,11 +193,13 @@ class LoraSet:
         """The adapter's pairs, checked to fit, in the model's dtype on its device, per part."""
         pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         krons: dict[str, dict[str, adapter_math.Kron]] = {}
-        for (component, module), (a, b) in weights.modules.items():
-            name = self._resolve(component, module)
+        names, scalings, kron_of = self._names, weights.scalings, weights.kron
+        for key, (a, b) in weights.modules.items():
+            component = key[0]
+            name = names.get(key) or self._resolve(*key)  # (a dict read: a new layout's modules are hundreds)
             assert name is not None  # check_layout judged every target
-            pairs.setdefault(component, {})[name] = (a, b, weights.scalings[(component, module)])
-            kron = weights.kron.get((component, module))
+            pairs.setdefault(component, {})[name] = (a, b, scalings[key])
+            kron = kron_of.get(key) if kron_of else None
             if kron is not None:
                 krons.setdefault(component, {})[name] = kron
         return {

@@ -36,6 +36,23 @@ class Memo(Generic[K, V]):
             while len(self._values) > self._entries:
                 self._values.popitem(last=False)
 
+    def get_all(self, keys: list[K]) -> list[V | None]:
+        """`get` of each key, under one lock (a layout asks for hundreds at once)."""
+        with self._lock:
+            values = list(map(self._values.get, keys))
+            for key, value in zip(keys, values, strict=True):
+                if value is not None:
+                    self._values.move_to_end(key)
+            return values
+
+    def put_all(self, items: list[tuple[K, V]]) -> None:
+        with self._lock:
+            self._values.update(items)
+            for key, _ in items:
+                self._values.move_to_end(key)
+            while len(self._values) > self._entries:
+                self._values.popitem(last=False)
+
     def items(self) -> list[tuple[K, V]]:
         """A snapshot, least recently used first."""
         with self._lock:
