@@ -289,12 +289,12 @@ def test_a_new_layout_of_judged_modules_is_put_together_from_their_verdicts(
     for name in ("qk", "v"):
         assert header_bytes(subsets[name] / WEIGHTS) != header_bytes(twins[0] / WEIGHTS)  # a layout of its own
         got = reader.read(str(subsets[name]))
-        fresh_reader, fresh_fit = reader_of(engine, LayoutMemo())
+        fresh_memo = LayoutMemo()
+        fresh_reader, fresh_fit = reader_of(engine, fresh_memo)
         assert_same_weights(got, fresh_reader.read(str(subsets[name])))
         assert fresh_fit.judged == 1
         # The verdict put together is the one judging it whole gives, field for field.
-        (_, put_together), (_, judged) = memo.fitted.items()[-1], fresh_reader.memo.fitted.items()[-1]  # type: ignore[union-attr]
-        assert put_together == judged
+        assert memo.fitted.items()[-1][1] == fresh_memo.fitted.items()[-1][1]
     assert fit.judged == 1 and len(memo.modules) == known  # no layout judged whole again, no module new
 
 
