@@ -191,8 +191,9 @@ def test_a_twin_is_still_refused_for_what_its_own_bytes_hold(
     bad = rewritten(twins[0], tmp_path / "bad", change, tail)
     if not tail:
         assert header_bytes(bad / WEIGHTS) == header_bytes(twins[0] / WEIGHTS)
-    with pytest.raises(InvalidArgument, match=message):
+    with pytest.raises(InvalidArgument, match=message) as raised:
         engine.load_adapter(str(bad))
+    assert str(bad) in raised.value.message and str(twins[0]) not in raised.value.message  # its own file, named
 
 
 def test_a_header_beyond_the_memo_limit_is_judged_every_time(tmp_path: Path) -> None:

@@ -300,7 +300,7 @@ class AdapterReader:
         with self._open(weights_path) as weights:
             config_text = json.dumps(config, sort_keys=True)
             key: LayoutKey = ("peft", weights.tensor_section, weights.data_bytes, config_text, self.expert)
-            fitted = self._remembered(key, str(folder), weights_path)
+            fitted = self._remembered(key, str(folder))
             if fitted is None:
                 fitted = self._of_known_modules(key, folder, weights, config)
             if fitted is None:
@@ -314,7 +314,7 @@ class AdapterReader:
                 targets = _display_targets(config, sources)
                 fitted = self._fitted(key, layout, _display_alpha(config), targets)
                 self._remember_modules(fitted, config)
-            adapter = self._load(weights, fitted)
+            adapter = self._load(weights, fitted, str(folder))
         if current_stamp(config_path) != config_stamp:  # half an old config with new weights is no adapter
             raise InvalidArgument(f"{config_path} changed while the adapter was being read; retry once it is written")
         adapter.files = ((str(config_path), config_stamp), *adapter.files)
@@ -325,10 +325,10 @@ class AdapterReader:
             # (diffusers' files hold their LoraConfig in the metadata: it decides the verdict with the tensors.)
             config_text = weights.header.metadata.get(DIFFUSERS_METADATA_KEY, "")
             key: LayoutKey = ("file", weights.tensor_section, weights.data_bytes, config_text, self.expert)
-            fitted = self._remembered(key, path, file)
+            fitted = self._remembered(key, path)
             if fitted is None:
                 fitted = self._fitted(key, *self._file_layout(weights, file, path))
-            return self._load(weights, fitted)
+            return self._load(weights, fitted, path)
 
     def _file_layout(
         self, weights: SafetensorsFile, file: Path, path: str
@@ -353,13 +353,12 @@ class AdapterReader:
         headers = self.memo.headers if self.memo is not None else None
         return open_safetensors(file, self.may_open, self.max_tensors, headers)
 
-    def _remembered(self, key: LayoutKey, path: str, file: Path) -> FittedLayout | None:
-        """The model's verdict on a layout it judged before (for this file and path), room reserved for it."""
+    def _remembered(self, key: LayoutKey, path: str) -> FittedLayout | None:
+        """The model's verdict on a layout it judged before (for another file, maybe: its layout's path and file
+        are the first one's), room reserved for the adapter at `path`."""
         fitted = self.memo.fitted.get(key) if self.memo is not None else None
-        if fitted is None:
-            return None
-        fitted = replace(fitted, layout=replace(fitted.layout, path=path, file=file))
-        self._reserve(fitted)
+        if fitted is not None:
+            self._reserve(fitted, path)
         return fitted
 
     def _of_known_modules(
@@ -434,12 +433,12 @@ class AdapterReader:
         fitted = FittedLayout(layout, fits, ranks, layout.nbytes + pair_bytes, alpha, tuple(targets), pairs)
         if self.memo is not None and len(key[1]) + len(key[3]) <= MEMO_HEADER_BYTES:  # its memory stays bounded
             self.memo.fitted.put(key, fitted)
-        self._reserve(fitted)
+        self._reserve(fitted, layout.path)
         return fitted
 
-    def _reserve(self, fitted: FittedLayout) -> None:
+    def _reserve(self, fitted: FittedLayout, path: str) -> None:
         if self.fit is not None:
-            self.fit.reserve(fitted.nbytes, f"adapter {fitted.layout.path!r}")
+            self.fit.reserve(fitted.nbytes, f"adapter {path!r}")
 
     def _diffusers_layout(self, weights: SafetensorsFile, file: Path) -> tuple[list[ModuleSource], float, list[str]]:
         """`save_lora_weights` files: each component's keys under its name, its LoraConfig in the metadata."""
@@ -516,9 +515,10 @@ class AdapterReader:
 
     # ---- reading ------------------------------------------------------------------------------------
 
-    def _load(self, weights: SafetensorsFile, fitted: FittedLayout) -> AdapterWeights:
-        """Read the tensors of a layout the model accepted, and make each module's exact pair."""
-        layout = fitted.layout
+    def _load(self, weights: SafetensorsFile, fitted: FittedLayout, path: str) -> AdapterWeights:
+        """Read the tensors of the adapter at `path` (a layout the model accepted: maybe judged for another file,
+        named by its layout), and make each module's exact pair."""
+        layout, file = fitted.layout, weights.file
         tensors = weights.read()
         whole = weights.values_read()
         bound = self.fit.max_abs_weight if self.fit is not None else _FLOAT32_SAFE
@@ -526,14 +526,14 @@ class AdapterReader:
         if plan is not None and whole is not None and _within(whole, plan.factor, bound):
             taken = zip(map(tensors.__getitem__, plan.downs), map(tensors.__getitem__, plan.ups), strict=True)
             return AdapterWeights(
-                path=layout.path,
+                path=path,
                 format=layout.format,
                 modules=dict(zip(plan.modules, taken, strict=True)),
                 scalings=dict(zip(plan.modules, plan.scalings, strict=True)),
                 alpha=fitted.alpha if fitted.alpha is not None else 1.0,  # (never None where `own` is set)
                 rank=max(fitted.ranks),
                 target_modules=list(fitted.targets),
-                files=((str(layout.file), weights.stamp),),
+                files=((str(file), weights.stamp),),
             )
         # Any other layout, or a peak beyond the bound: module by module (which names the tensor to blame).
         modules: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -547,7 +547,7 @@ class AdapterReader:
         float32_file = whole is not None and whole.dtype == torch.float32
         for source, rank in zip(layout.sources, fitted.ranks, strict=True):
             keys, fit = source.keys, fitted.fits[source.name]
-            scaling, module_alpha = _source_scaling(layout.file, source, tensors, rank)
+            scaling, module_alpha = _source_scaling(file, source, tensors, rank)
             alphas.append(module_alpha)
             if len(keys) == 2 and DOWN in keys and UP in keys:  # the pair is the file's own two tensors
                 down, up = tensors[keys[DOWN]], tensors[keys[UP]]
@@ -563,7 +563,7 @@ class AdapterReader:
             else:  # made from its tensors: check them first, so that a NaN is blamed on its own key
                 parts = {role: tensors[key] for role, key in keys.items()}
                 for role, tensor in parts.items():
-                    _check_magnitude(layout.file, ("tensor ", keys[role], ""), tensor, 1.0, math.inf)
+                    _check_magnitude(file, ("tensor ", keys[role], ""), tensor, 1.0, math.inf)
                 a, b = adapter_math.exact_pair(source.algorithm, parts, fit.weight)
                 (target, *others) = source.targets
                 # (A fused target's rows come from the pair's B: the factors serve a whole layer only.)
@@ -579,23 +579,23 @@ class AdapterReader:
                 key = (target.component, target.module)
                 if key in modules:
                     raise InvalidArgument(
-                        f"{layout.file}: module {shown(source.name)} adapts {target.component} {shown(target.module)}, "
+                        f"{file}: module {shown(source.name)} adapts {target.component} {shown(target.module)}, "
                         "which another module of the file adapts already"
                     )
                 modules[key] = (a, b if target.rows is None and not target.swap else _target_rows(b, target))
                 scalings[key] = scaling
-        _check_magnitudes(layout.file, own, bound, whole)
-        _check_magnitudes(layout.file, pairs, bound)
+        _check_magnitudes(file, own, bound, whole)
+        _check_magnitudes(file, pairs, bound)
         del tensors  # the pairs keep what they need
         return AdapterWeights(
-            path=layout.path,
+            path=path,
             format=layout.format,
             modules=modules,
             scalings=scalings,
             alpha=fitted.alpha if fitted.alpha is not None else Counter(alphas).most_common(1)[0][0],
             rank=max(fitted.ranks),
             target_modules=list(fitted.targets),
-            files=((str(layout.file), weights.stamp),),
+            files=((str(file), weights.stamp),),
             kron=kron,
         )
 

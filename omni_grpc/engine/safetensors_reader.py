@@ -245,11 +245,13 @@ def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> tu
             size = opened.st_size
             if size > max_bytes:
                 raise InvalidArgument(f"{file} is {size} bytes; the limit is {max_bytes}")
-            raw = handle.read(max_bytes + 1)  # bounded even if the file grows meanwhile
+            # Its size and one byte more (a buffer of the limit's size would cost more than the read): bounded
+            # even if the file grows meanwhile, and a file that grew is told by the byte more.
+            raw = handle.read(size + 1)
     except OSError as exc:
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
-    if len(raw) > max_bytes:
-        raise InvalidArgument(f"{file} is more than {max_bytes} bytes, the limit")
+    if len(raw) > size:
+        raise InvalidArgument(f"{file} changed while it was being read; retry once it is written")
     return parse_json(raw, str(file)), stamp_of(opened)
 
 
