@@ -6,21 +6,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from diffusers import StableDiffusionXLPipeline
-from safetensors.torch import load_file
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from omni_grpc.engine.adapter_backend import LoadingBudget, PipelineFit
+from omni_grpc.engine.adapter_files import AdapterReader, LayoutMemo
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.types import GenerateRequest, GuidanceKind, LoraRequest, OutputKind, SamplingParams
 from omni_grpc.errors import InvalidArgument
 from omni_grpc.tiny_models.sdxl import build_tiny_sdxl
 from tests.helpers import base_unchanged_by_adapters, started_engine
-from tests.lora_factory import make_peft_adapter, reference_pixels
+from tests.lora_factory import load_reference_pipeline, make_peft_adapter, reference_pixels
 
 PROMPT = "a photo of a cat sitting on a red chair"
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +118,63 @@ def test_sizes_must_be_multiples_of_8(sdxl: Engine) -> None:
     with pytest.raises(InvalidArgument, match="must be a multiple of 8") as refused:
         sdxl.generate(GenerateRequest(prompt=PROMPT, sampling=SamplingParams(height=68, width=64)))
     assert refused.value.field == "sampling_params.height"
+
+
+@pytest.fixture(scope="module")
+def wide_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL with encoders of two widths, as the real model's (768 and 1280)."""
+    return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-wide"), text_encoder_2_hidden=48)
+
+
+def text_encoder_lora(encoder: Any, seed: int) -> dict[str, torch.Tensor]:
+    """peft LoRA layers (rank 4, alpha 8) on an encoder's attention, as diffusers' writer takes them."""
+    torch.manual_seed(seed)
+    model = get_peft_model(encoder, LoraConfig(r=4, lora_alpha=8, target_modules=list(TE_TARGETS)))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    return {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
+
+
+def test_a_diffusers_file_for_both_text_encoders_equals_diffusers(wide_sdxl_dir: Path, tmp_path: Path) -> None:
+    """Both encoders have modules of the same names (text_model.encoder.layers.0.self_attn.q_proj, ...) but not of
+    the same shapes: each module of the file goes into its own encoder."""
+    pipe = load_reference_pipeline(wide_sdxl_dir)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": list(TE_TARGETS)}
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path,
+        text_encoder_lora_layers=text_encoder_lora(pipe.text_encoder, 1),
+        text_encoder_2_lora_layers=text_encoder_lora(pipe.text_encoder_2, 2),
+        text_encoder_lora_adapter_metadata=config,
+        text_encoder_2_lora_adapter_metadata=config,
+    )
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    # Each encoder's keys under text_model., as diffusers' training scripts write them: one name, two modules.
+    with safe_open(str(file), "pt") as opened:
+        metadata = opened.metadata()
+    tensors = {
+        key if ".text_model." in key else key.replace(".", ".text_model.", 1): value
+        for key, value in load_file(file).items()
+    }
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    save_file(tensors, file, metadata=metadata)
+    reference = load_reference_pipeline(wide_sdxl_dir)
+    reference.load_lora_weights(str(file))
+    generator = [torch.Generator("cpu").manual_seed(7)]
+    call = {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "np"}
+    expected = np.asarray(reference(prompt=PROMPT, generator=generator, **call).images[0])
+    base = reference_pixels(wide_sdxl_dir, prompt=PROMPT, seed=7, guidance_scale=5.0)
+    assert np.abs(expected - base).max() > 0.01  # the adapter shows
+    with started_engine(model=str(wide_sdxl_dir), allow_any_lora_path=True, dtype="float32") as engine:
+        info, _ = engine.load_adapter(str(file))
+        assert info.components == ["text_encoder", "text_encoder_2"] and info.num_layers == 16
+        got = run(engine, request(LoraRequest(path=str(file)), seed=7))
+        # Each module judged against its own encoder, and its own float32 pair taken as the file holds it.
+        memo = LayoutMemo()
+        fit = PipelineFit(engine.lora, LoadingBudget(1 << 30).session().__enter__())
+        AdapterReader(max_rank=64, fit=fit, memo=memo).read(str(file))
+        ((_, fitted),) = memo.fitted.items()
+        assert len(fitted.fits) == 16 and fitted.own is not None
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)

@@ -126,7 +126,8 @@ LayoutKey = tuple[str, str, int, str, str | None]
 # A PEFT module as a verdict on it depends on: its name, its two tensors' dtypes and shapes, the config's
 # (r, lora_alpha, use_rslora), the expert -> its source (as configured and placed), fit and declared rank.
 ModuleVerdictKey = tuple[str, str, Shape, str, Shape, tuple[Any, Any, Any], str | None]
-# (..., what making its exact pair allocates, how a load takes it when the file holds it as it is)
+# (its source, fit, declared rank, what making its exact pair allocates, how a load takes the pair when the file
+# holds it as it is)
 JudgedModule = tuple[ModuleSource, ModuleFit, int, int, OwnPair | None]
 
 
@@ -136,7 +137,9 @@ class LayoutMemo:
     and other trainers write theirs per run, and it is judged at every load), and judging a layout again costs
     more than a small adapter's read. Only what the tensor section and config decide is kept, for sections (and,
     in layouts, sections and configs together) up to MEMO_HEADER_BYTES characters (so at most `entries` x that
-    many characters of keys in each memo); every load still opens, reads and checks its own data."""
+    many characters of keys in each memo); every load still opens, reads and checks its own data. Module verdicts
+    (`modules`) are kept only for modules the model accepted, at most MODULE_VERDICTS of them (about 1.5 KB
+    each)."""
 
     def __init__(self, entries: int = 32) -> None:
         self.headers: HeaderMemo = Memo(entries)
@@ -365,8 +368,9 @@ class AdapterReader:
         self, key: LayoutKey, folder: Path, weights: SafetensorsFile, config: dict[str, Any]
     ) -> FittedLayout | None:
         """A PEFT layout not seen before whose every module the model judged before, in other layouts of the same
-        config (see LayoutMemo.modules): its verdict put together from theirs, as judging it whole would give it. None
-        when any module is new (or the layout anything but pairs): then it is judged whole."""
+        r, lora_alpha, use_rslora and expert (see LayoutMemo.modules): its verdict put together from theirs, as
+        judging it whole would give it. None when any module is new (or the layout anything but pairs): then it
+        is judged whole."""
         memo, infos = self.memo, weights.header.tensors
         if memo is None or self.fit is None or config.get("rank_pattern") or config.get("alpha_pattern"):
             return None
@@ -473,7 +477,8 @@ class AdapterReader:
                 rank = max(infos[s.keys[DOWN]].shape[0] for s in found)
                 config = {"r": rank, "lora_alpha": rank, **config}
             peft_config.check_config(config, file, self.max_rank)
-            sources += _configured(found, infos, config, file)
+            # Named as the file names them, component first: two text encoders have modules of one name.
+            sources += [s._replace(name=prefix + s.name) for s in _configured(found, infos, config, file)]
             alphas.append(_display_alpha(config))
             targets.update(_display_targets(config, found))
         return sources, alphas[0], sorted(targets)
@@ -516,14 +521,19 @@ class AdapterReader:
     # ---- reading ------------------------------------------------------------------------------------
 
     def _load(self, weights: SafetensorsFile, fitted: FittedLayout, path: str) -> AdapterWeights:
-        """Read the tensors of the adapter at `path` (a layout the model accepted: maybe judged for another file,
-        named by its layout), and make each module's exact pair."""
+        """Read the tensors of the adapter at `path` (a layout the model accepted), and make each module's exact
+        pair. The layout may have been judged for another file, and name that one: messages name `weights.file`."""
         layout, file = fitted.layout, weights.file
         tensors = weights.read()
         whole = weights.values_read()
         bound = self.fit.max_abs_weight if self.fit is not None else _FLOAT32_SAFE
         plan = fitted.own
-        if plan is not None and whole is not None and _within(whole, plan.factor, bound):
+        if (
+            plan is not None
+            and whole is not None
+            and whole.dtype is torch.float32
+            and _within(whole, plan.factor, bound)
+        ):
             taken = zip(map(tensors.__getitem__, plan.downs), map(tensors.__getitem__, plan.ups), strict=True)
             return AdapterWeights(
                 path=path,
@@ -683,7 +693,7 @@ def _pair_bytes(fit: ModuleFit) -> int:
 
 def _scaled_by(config: dict[str, Any]) -> tuple[Any, Any, Any]:
     """What of a config without patterns decides its modules' scaling (peft_config.module_scaling)."""
-    return config["r"], config.get("lora_alpha", config["r"]), config.get("use_rslora")
+    return config["r"], config.get("lora_alpha", config["r"]), bool(config.get("use_rslora"))
 
 
 def _declared_rank(source: ModuleSource, infos: Mapping[str, TensorInfo]) -> int:

@@ -23,8 +23,9 @@ CLIP_PROJECTION = 32
 TIME_EMBED = 8
 
 
-def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
-    """Build a random-weight StableDiffusionXLPipeline into `out_dir` (a diffusers folder); returns it."""
+def build_tiny_sdxl(out_dir: Path, seed: int = 0, text_encoder_2_hidden: int = CLIP_HIDDEN) -> Path:
+    """Build a random-weight StableDiffusionXLPipeline into `out_dir` (a diffusers folder); returns it.
+    `text_encoder_2_hidden`: the second encoder's width (the real model's are 768 and 1280)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with seeded(seed + SEED_UNET):
@@ -39,7 +40,7 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
             attention_head_dim=(2, 4, 4),  # heads per level (diffusers' naming), like SDXL's (5, 10, 20)
             use_linear_projection=True,
             transformer_layers_per_block=(1, 1, 1),
-            cross_attention_dim=2 * CLIP_HIDDEN,
+            cross_attention_dim=CLIP_HIDDEN + text_encoder_2_hidden,
             addition_embed_type="text_time",
             addition_time_embed_dim=TIME_EMBED,
             projection_class_embeddings_input_dim=6 * TIME_EMBED + CLIP_PROJECTION,
@@ -47,10 +48,11 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0) -> Path:
         )
     # SDXL reads hidden_states[-2]: at least two layers.
     text_config = clip_config(CLIP_HIDDEN, CLIP_PROJECTION, intermediate_size=64, num_layers=2, num_heads=4)
+    text_config_2 = clip_config(text_encoder_2_hidden, CLIP_PROJECTION, intermediate_size=64, num_layers=2, num_heads=4)
     with seeded(seed + SEED_TEXT_ENCODER):
         text_encoder = CLIPTextModel(text_config)
     with seeded(seed + SEED_TEXT_ENCODER_2):
-        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
     with seeded(seed + SEED_VAE):
         vae = tiny_vae(4, scaling_factor=0.13025)  # SDXL's VAE
     # The scheduler config shipped with SDXL base 1.0.
