@@ -437,7 +437,8 @@ def cold_load_and_memory(model: BenchModel, root: Path, *, count: int, rank: int
     """A cold load from disk against a plain read of the same file: for fine-tunes of one recipe (one layout,
     judged once), for the same with metadata of their own (as trainers write it per run: the tensor section is
     still judged once), and for adapters each of a layout not seen before (one or two modules fewer than the
-    recipe's: judged in full); resident memory per adapter.
+    recipe's: every header judged, the layout put together from its modules' verdicts); resident memory per
+    adapter.
 
     Both sides keep what they read, as a server keeps an adapter it loaded: a plain read whose tensors are
     dropped reuses its buffers, where every load takes fresh memory. The sides take turns in blocks (plain
@@ -516,7 +517,7 @@ def cold_load_and_memory(model: BenchModel, root: Path, *, count: int, rank: int
             ratio["unseen"],
             "<= 1.5",
             ratio["unseen"] <= 1.5,
-            "each file a layout of its own (a module or two fewer): header, layout and fit judged at every load",
+            "each file a layout of its own (a module or two fewer): its header judged, its modules' verdicts reused",
         ),
         Row(
             f"resident memory per loaded adapter vs its size on disk ({model.name}, rank {rank})",

@@ -125,7 +125,8 @@ LayoutKey = tuple[str, str, int, str, str | None]
 
 # A PEFT module as a verdict on it depends on: its name, its two tensors' dtypes and shapes, the config's
 # (r, lora_alpha, use_rslora), the expert -> its source (as configured and placed), fit and declared rank.
-ModuleVerdictKey = tuple[str, str, Shape, str, Shape, tuple[Any, Any, Any], str | None]
+ScalingKey = tuple[Any, Any, bool]  # (r, lora_alpha, use_rslora): all a config without patterns scales by
+ModuleVerdictKey = tuple[str, str, Shape, str, Shape, ScalingKey, str | None]
 # (its source, fit, declared rank, what making its exact pair allocates, how a load takes the pair when the file
 # holds it as it is)
 JudgedModule = tuple[ModuleSource, ModuleFit, int, int, OwnPair | None]
@@ -303,9 +304,10 @@ class AdapterReader:
         with self._open(weights_path) as weights:
             config_text = json.dumps(config, sort_keys=True)
             key: LayoutKey = ("peft", weights.tensor_section, weights.data_bytes, config_text, self.expert)
+            scaled = self._module_config(config)  # (None: no module verdicts are kept for this config)
             fitted = self._remembered(key, str(folder))
-            if fitted is None:
-                fitted = self._of_known_modules(key, folder, weights, config)
+            if fitted is None and scaled is not None:
+                fitted = self._of_known_modules(key, folder, weights, config, scaled)
             if fitted is None:
                 infos = weights.header.tensors
                 self._check_ranks_and_dtypes(infos, weights_path, None)
@@ -315,8 +317,7 @@ class AdapterReader:
                     str(folder), AdapterFormat.PEFT, weights_path, tuple(sources), infos, weights.data_bytes
                 )
                 targets = _display_targets(config, sources)
-                fitted = self._fitted(key, layout, _display_alpha(config), targets)
-                self._remember_modules(fitted, config)
+                fitted = self._fitted(key, layout, _display_alpha(config), targets, remember=scaled)
             adapter = self._load(weights, fitted, str(folder))
         if current_stamp(config_path) != config_stamp:  # half an old config with new weights is no adapter
             raise InvalidArgument(f"{config_path} changed while the adapter was being read; retry once it is written")
@@ -364,21 +365,25 @@ class AdapterReader:
             self._reserve(fitted, path)
         return fitted
 
+    def _module_config(self, config: dict[str, Any]) -> ScalingKey | None:
+        """What of a PEFT config decides its modules' verdicts, where they are kept (see LayoutMemo.modules): a
+        model to judge against, a memo, no rank or alpha patterns."""
+        if self.memo is None or self.fit is None or config.get("rank_pattern") or config.get("alpha_pattern"):
+            return None
+        return config["r"], config.get("lora_alpha", config["r"]), bool(config.get("use_rslora"))
+
     def _of_known_modules(
-        self, key: LayoutKey, folder: Path, weights: SafetensorsFile, config: dict[str, Any]
+        self, key: LayoutKey, folder: Path, weights: SafetensorsFile, config: dict[str, Any], scaled: ScalingKey
     ) -> FittedLayout | None:
         """A PEFT layout not seen before whose every module the model judged before, in other layouts of the same
         r, lora_alpha, use_rslora and expert (see LayoutMemo.modules): its verdict put together from theirs, as
         judging it whole would give it. None when any module is new (or the layout anything but pairs): then it
         is judged whole."""
         memo, infos = self.memo, weights.header.tensors
-        if memo is None or self.fit is None or config.get("rank_pattern") or config.get("alpha_pattern"):
-            return None
         names = sorted(infos)
         modules = file_layouts.paired_modules(names, file_layouts.PEFT_KEY_PREFIX)
-        if modules is None:
+        if memo is None or modules is None:
             return None
-        scaled = _scaled_by(config)
         tensor = infos.__getitem__
         keys = [
             (module, down.dtype, down.shape, up.dtype, up.shape, scaled, self.expert)
@@ -390,35 +395,47 @@ class AdapterReader:
         judged: list[JudgedModule] = known  # type: ignore[assignment]  # (none is None)
         sources, fit_list, rank_list, nbytes, own = zip(*judged, strict=True)
         layout = AdapterLayout(str(folder), AdapterFormat.PEFT, weights.file, sources, infos, weights.data_bytes)
-        fits = dict(zip([source.name for source in sources], fit_list, strict=True))
+        fits = dict(zip(modules, fit_list, strict=True))  # (a PEFT source is named by its module)
         alpha, targets = _display_alpha(config), _display_targets(config, list(sources))
         return self._put_together(key, layout, fits, rank_list, sum(nbytes), alpha, targets, list(own))
 
-    def _remember_modules(self, fitted: FittedLayout, config: dict[str, Any]) -> None:
+    def _remember_modules(
+        self, fitted: FittedLayout, scaled: ScalingKey, fit_bytes: dict[str, int], own: list[OwnPair | None]
+    ) -> None:
         """Each module's verdict in a PEFT layout judged whole, for `_of_known_modules`."""
-        if self.memo is None or self.fit is None or config.get("rank_pattern") or config.get("alpha_pattern"):
+        if self.memo is None:
             return
-        layout, scaled = fitted.layout, _scaled_by(config)
-        items: list[tuple[ModuleVerdictKey, JudgedModule]] = []
-        for source, rank in zip(layout.sources, fitted.ranks, strict=True):
-            down, up = layout.infos[source.keys[DOWN]], layout.infos[source.keys[UP]]
+        infos, items = fitted.layout.infos, list[tuple[ModuleVerdictKey, JudgedModule]]()
+        for source, rank, pair in zip(fitted.layout.sources, fitted.ranks, own, strict=True):
+            down, up = infos[source.keys[DOWN]], infos[source.keys[UP]]
             key = (source.name, down.dtype, down.shape, up.dtype, up.shape, scaled, self.expert)
-            fit = fitted.fits[source.name]
-            items.append((key, (source, fit, rank, _pair_bytes(fit), _own_pair(source, fit, layout.infos))))
+            items.append((key, (source, fitted.fits[source.name], rank, fit_bytes[source.name], pair)))
         self.memo.modules.put_all(items)
 
-    def _fitted(self, key: LayoutKey, layout: AdapterLayout, alpha: float | None, targets: list[str]) -> FittedLayout:
+    def _fitted(
+        self,
+        key: LayoutKey,
+        layout: AdapterLayout,
+        alpha: float | None,
+        targets: list[str],
+        remember: ScalingKey | None = None,
+    ) -> FittedLayout:
         """The layout as it goes into the model (into its expert), and the model's verdict: each module's delta
-        shape (or the refusal), before a byte of tensor data is read; room reserved for what the read makes."""
+        shape (or the refusal), before a byte of tensor data is read; room reserved for what the read makes.
+        `remember`: a PEFT layout's config, under which each module's verdict is kept too."""
         if self.expert is not None and self.expert != self.naming.denoiser:
             sources = file_layouts.into_expert(layout.sources, self.naming.denoiser, self.expert, layout.file)
             layout = replace(layout, sources=sources)
         fits = self.fit.check(layout) if self.fit is not None else _shapes_without_model(layout)
         ranks = tuple([_declared_rank(s, layout.infos) for s in layout.sources])
-        pair_bytes = sum([_pair_bytes(fit) for fit in fits.values()])
+        fit_bytes = {name: _pair_bytes(fit) for name, fit in fits.items()}
+        pair_bytes = sum(fit_bytes.values())
         pair_bytes += sum(adapter_math.kron_bytes(layout.shapes(s)) for s in layout.sources if s.algorithm == "lokr")
         own = [_own_pair(s, fits[s.name], layout.infos) for s in layout.sources]
-        return self._put_together(key, layout, fits, ranks, pair_bytes, alpha, targets, own)
+        fitted = self._put_together(key, layout, fits, ranks, pair_bytes, alpha, targets, own)
+        if remember is not None:
+            self._remember_modules(fitted, remember, fit_bytes, own)
+        return fitted
 
     def _put_together(
         self,
@@ -689,11 +706,6 @@ def _own_pairs(own: list[OwnPair | None], tensors: int) -> OwnPairs | None:
 def _pair_bytes(fit: ModuleFit) -> int:
     """What a module's exact pair takes in float32."""
     return 4 * (math.prod(fit.a) + math.prod(fit.b))
-
-
-def _scaled_by(config: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """What of a config without patterns decides its modules' scaling (peft_config.module_scaling)."""
-    return config["r"], config.get("lora_alpha", config["r"]), bool(config.get("use_rslora"))
 
 
 def _declared_rank(source: ModuleSource, infos: Mapping[str, TensorInfo]) -> int:

@@ -257,7 +257,7 @@ class MultiLora:
         """Module -> (A, B, scaling), checked to fit, as tensors in the model's dtype on the model's device; and
         for LoKr modules of Linear layers their factors (w1, down, up), applied in their place where they can."""
         modules: dict[str, ModuleLora] = {}
-        placed, dtype, on_cpu = self._placed, self._dtype, self._on_cpu
+        placed = self._placed
         for name, (a, b, scaling) in pairs.items():
             base = self._modules[name]
             conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
@@ -266,9 +266,7 @@ class MultiLora:
             if factors is not None and conv is None:
                 w1, down, up = factors
                 kron = KronFactors(placed(w1), placed(down), placed(up) if up is not None else None)
-            if not (on_cpu and a.dtype is dtype is b.dtype and a.is_cpu and b.is_cpu):  # (else: as they are)
-                a, b = placed(a), placed(b)
-            modules[name] = ModuleLora(a, b, scaling, conv, kron)
+            modules[name] = ModuleLora(placed(a), placed(b), scaling, conv, kron)
         return AdapterSlot(modules, self._device)
 
     def _placed(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -193,10 +193,10 @@ class LoraSet:
         """The adapter's pairs, checked to fit, in the model's dtype on its device, per part."""
         pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         krons: dict[str, dict[str, adapter_math.Kron]] = {}
-        names, scalings, kron_of = self._names, weights.scalings, weights.kron
+        scalings, kron_of = weights.scalings, weights.kron
         for key, (a, b) in weights.modules.items():
             component = key[0]
-            name = names.get(key) or self._resolve(*key)  # (a dict read: a new layout's modules are hundreds)
+            name = self._resolve(*key)
             assert name is not None  # check_layout judged every target
             pairs.setdefault(component, {})[name] = (a, b, scalings[key])
             kron = kron_of.get(key) if kron_of else None

@@ -204,7 +204,7 @@ class SafetensorsFile:
             metadata = split[1] if split is not None else metadata  # (split: this file's own, judged above)
             return prefix + raw, SafetensorsHeader(file, tensors, metadata, main_float)
         with paused_gc():
-            header = _check_header(file, raw, size, 8 + length, self._max_tensors)
+            header = _check_header(file, raw, text, size, 8 + length, self._max_tensors)
         if self._headers is not None and text and len(self.tensor_section) <= MEMO_HEADER_BYTES:
             # (A split-off metadata is judged at every load, never taken from here: not kept, nor its memory.)
             metadata = {} if split is not None else header.metadata
@@ -318,13 +318,11 @@ def _opened_path(fd: int, file: Path) -> str:
         return os.path.realpath(file)
 
 
-def _check_header(file: Path, raw: bytes, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
-    """Parse and check a safetensors header against the file's size. Allocates no tensor. Headers in the form
-    safetensors writes take the fast path (see canonical_header); any other gets the general judgement."""
-    try:
-        checked = canonical_header(raw.decode("utf-8"), size - data_start, max_tensors)
-    except UnicodeDecodeError:
-        checked = None  # parse_json says what is wrong with it
+def _check_header(file: Path, raw: bytes, text: str, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
+    """Parse and check a safetensors header (`raw`, and `text` its UTF-8 decoding, empty if it has none) against
+    the file's size. Allocates no tensor. Headers in the form safetensors writes take the fast path (see
+    canonical_header); any other gets the general judgement (parse_json says what is wrong with one not UTF-8)."""
+    checked = canonical_header(text, size - data_start, max_tensors) if text else None
     if checked is not None:
         return SafetensorsHeader(file, *checked)
     return _judge_header(file, parse_json(raw, f"{file}: the safetensors header"), size, data_start, max_tensors)
