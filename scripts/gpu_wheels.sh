@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pins=(diffusers transformers huggingface_hub tokenizers hf-xet peft protobuf grpcio grpcio-status
-  grpcio-health-checking grpcio-reflection googleapis-common-protos safetensors prometheus-client)
+  grpcio-health-checking grpcio-reflection googleapis-common-protos safetensors prometheus-client msgspec)
 specs=()
 for name in "${pins[@]}"; do
   line=$(grep -i -E "^${name//-/[-_]}==" constraints.txt) || { echo "no pin for $name in constraints.txt" >&2; exit 1; }

@@ -647,14 +647,15 @@ def test_the_reads_views_are_the_files_tensors(layout: list[tuple[str, tuple[int
     for i, (dtype, shape, gap) in enumerate(layout):
         offset += gap
         nbytes = safetensors_reader.DTYPE_SIZES[dtype] * int(torch.tensor(shape).prod().item() if shape else 1)
-        infos[f"t{i}"] = safetensors_reader.TensorInfo(dtype, shape, offset, offset + nbytes)
+        infos[f"t{i}"] = safetensors_reader.TensorInfo(dtype, shape, (offset, offset + nbytes))
         offset += nbytes
     if reverse:  # headers judged by the general check may list tensors in any order
         infos = dict(reversed(infos.items()))
     data = torch.randint(0, 256, (offset,), dtype=torch.uint8)
     views = safetensors_reader._views(data, infos)
     assert views.keys() == infos.keys()
-    for key, (dtype, shape, begin, end) in infos.items():
+    for key, info in infos.items():
+        dtype, shape, (begin, end) = info.dtype, info.shape, info.data_offsets
         want = data[begin:end].clone().view(safetensors_reader._TORCH_DTYPES[dtype]).view(shape)
         got = views[key]
         assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous(), key

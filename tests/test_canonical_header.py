@@ -99,6 +99,13 @@ ODD: dict[str, tuple[str, int]] = {
     "spaces": (json.dumps(BASE), 32),
     "a repeated tensor": ('{"a":' + text_of(entry()) + ',"a":' + text_of(entry(offsets=[16, 32])) + "}", 32),
     "a repeated field": ('{"a":{"dtype":"F32","dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}', 16),
+    "a field repeated under an escape": (
+        '{"a":{"dtype":"F16","dt\\u0079pe":"F32","shape":[2,2],"data_offsets":[0,16]}}',
+        16,
+    ),
+    "a tensor repeated under an escape": ('{"a":' + text_of(entry()) + ',"\\u0061":' + text_of(entry()) + "}", 16),
+    "an escaped name": ('{"\\u00e4":' + text_of(entry()) + "}", 16),
+    "a tensor named like a field": (text_of({"dtype": entry(), "shape": entry(offsets=[16, 32])}), 32),
     "a repeated metadata key": ('{"__metadata__":{"k":"v","k":"w"},"a":' + text_of(entry()) + "}", 16),
     "metadata twice": ('{"__metadata__":{},"__metadata__":{},"a":' + text_of(entry()) + "}", 16),
     "a non-string metadata value": (text_of({"__metadata__": {"k": 1}, "a": entry()}), 16),

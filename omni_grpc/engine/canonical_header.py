@@ -1,11 +1,11 @@
 """The fast path of the safetensors header check: headers as safetensors itself writes them.
 
 Every writer of safetensors files (the Rust library behind `save_file`, `save_pretrained`, Kohya's scripts)
-emits one form: an optional `__metadata__` object of strings, then each tensor as exactly `dtype`, `shape`,
-`data_offsets` in that order, their data contiguous from offset 0 in header order. A header in that form is
-judged here in one pass over the parser's own pairs (no per-object hook, no per-tensor call), which is
-several times cheaper than the general check that a small adapter's load would otherwise spend most of its
-time in.
+emits one form: an optional `__metadata__` object of strings first, then each tensor's `dtype`, `shape` and
+`data_offsets`, their data contiguous from offset 0 in header order. A header in that form is decoded by
+msgspec against the entries' schema (types, integer bounds, name lengths: checked in C, no Python object per
+JSON value), then its offsets are judged in one pass: several times cheaper than the general check, which a
+small adapter's load would otherwise spend most of its time in.
 
 This path only ever accepts: anything outside that form, and everything wrong, returns None, and the
 general check (`safetensors_reader._judge_header`) then gives the verdict and the message. What this accepts,
@@ -17,79 +17,75 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_FILE_BYTES, MAX_KEY_CHARS, TensorInfo
+import msgspec
 
-# No tensor has more dimensions than this; more is left to the general check (its products stay cheap there).
-_MAX_DIMS = 8
+from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_KEY_CHARS, TensorInfo
+
 _METADATA_FIRST = '{"__metadata__":'
-# Parses one JSON value from a position, objects as tuples of pairs (see canonical_header).
+# Parses one JSON value from a position, objects as tuples of pairs (see split_metadata).
 _PAIRS = json.JSONDecoder(object_pairs_hook=tuple)
 
+_ENTRIES = msgspec.json.Decoder(dict[Annotated[str, msgspec.Meta(max_length=MAX_KEY_CHARS)], TensorInfo])
+
 CheckedHeader = tuple[Mapping[str, TensorInfo], Mapping[str, str], str | None]
+CheckedTensors = tuple[dict[str, TensorInfo], str | None]
 
 
 def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeader | None:
     """The tensors, metadata and main float dtype of a header in the canonical form whose tensors tile a data
     region of `data_len` bytes; None for any other header (valid or not)."""
+    split = split_metadata(text)
+    checked = canonical_tensors("{" + split[0] if split is not None else text, data_len, max_tensors)
+    if checked is None:
+        return None
+    return checked[0], split[1] if split is not None else {}, checked[1]
+
+
+def canonical_tensors(section: str, data_len: int, max_tensors: int) -> CheckedTensors | None:
+    """The tensors and main float dtype of a JSON object of tensor entries only (a header without metadata, or
+    its tensor section as an object) that tile a data region of `data_len` bytes; None for anything else."""
+    # msgspec keeps the last of a repeated key or field, where the general check refuses the header. Each
+    # decoded entry had all three field names, and none of them can occur unescaped inside a JSON string: so
+    # each occurs exactly once per entry iff no key or field was repeated (and no tensor takes such a name).
+    # A backslash anywhere could spell a name otherwise (an escape): such headers are left to the general check.
+    if "\\" in section:
+        return None
     try:
-        # Objects come back as tuples of (key, value) pairs, a repeated key still there; arrays as lists (so an
-        # empty object is never taken for an empty array).
-        pairs = json.loads(text, object_pairs_hook=tuple)
-    except (ValueError, RecursionError):
+        entries = _ENTRIES.decode(section)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
-    if type(pairs) is not tuple or not pairs:
+    count = len(entries)
+    if (
+        not count
+        or count > max_tensors
+        or "__metadata__" in entries
+        or section.count('"data_offsets"') != count
+        or section.count('"dtype"') != count
+        or section.count('"shape"') != count
+    ):
         return None
-    metadata: dict[str, str] | None = None
-    if pairs[0][0] == "__metadata__":
-        metadata = _strings(pairs[0][1])
-        if metadata is None:
-            return None
-        pairs = pairs[1:]
-    if not pairs or len(pairs) > max_tensors:
-        return None
-    tensors: dict[str, TensorInfo] = {}
-    numbers: list[Any] = []  # every dimension and offset, judged together below
-    reach = 0
-    for key, value in pairs:
-        # (An object of three members, whose fields come in one order.)
-        if type(value) is not tuple or len(value) != 3 or len(key) > MAX_KEY_CHARS:
-            return None
-        (first, dtype), (second, shape), (third, offsets) = value
-        if first != "dtype" or second != "shape" or third != "data_offsets" or type(dtype) is not str:
-            return None
-        if (
-            dtype not in DTYPE_SIZES
-            or type(shape) is not list
-            or type(offsets) is not list
-            or len(offsets) != 2
-            or len(shape) > _MAX_DIMS
-        ):
-            return None
-        numbers += shape
-        numbers += offsets
-        begin, end = offsets
-        # (Compared before they are known to be integers: a non-integer fails below whatever this found.)
-        if begin != reach:
+    dtypes: set[str] = set()
+    sizes, prod, reach = DTYPE_SIZES, math.prod, 0
+    for info in entries.values():
+        dtype, (begin, end) = info.dtype, info.data_offsets
+        size = sizes.get(dtype)
+        # One entry after the other from offset 0, each exactly its shape's bytes.
+        if size is None or begin != reach or prod(info.shape) * size != end - begin:
             return None
         reach = end
-        tensors[key] = TensorInfo(dtype, tuple(shape), begin, end)
-    # One entry per tensor (no key twice, no __metadata__ but the first), tiling the data region.
-    if len(tensors) != len(pairs) or "__metadata__" in tensors or reach != data_len:
+        dtypes.add(dtype)
+    if reach != data_len:
         return None
-    # Integers (bools are not), none negative, none beyond any file's size: then the products below are small.
-    if set(map(type, numbers)) != {int} or min(numbers) < 0 or max(numbers) > MAX_FILE_BYTES:
-        return None
-    sizes: dict[str, int] = {}
-    for dtype, shape, begin, end in tensors.values():
-        nbytes = end - begin
-        if math.prod(shape) * DTYPE_SIZES[dtype] != nbytes:
-            return None
-        sizes[dtype] = sizes.get(dtype, 0) + nbytes
-    floats = [name for name in sizes if name in FLOAT_DTYPES]
-    main_float = max(floats, key=sizes.__getitem__) if floats else None
-    return tensors, metadata if metadata is not None else {}, main_float
+    floats = [name for name in FLOAT_DTYPES if name in dtypes]
+    if len(floats) > 1:  # the dtype most of the bytes are (the first to appear of a tie, as the general check)
+        bytes_of: dict[str, int] = {}
+        for info in entries.values():
+            if info.dtype in FLOAT_DTYPES:
+                bytes_of[info.dtype] = bytes_of.get(info.dtype, 0) + info.end - info.begin
+        return entries, max(bytes_of, key=bytes_of.__getitem__)
+    return entries, floats[0] if floats else None
 
 
 def split_metadata(text: str) -> tuple[str, dict[str, str]] | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Annotated
+
+import msgspec
 
 # safetensors dtype names of the tensors an adapter may hold, with their sizes in bytes. Integers only for
 # scalars such as Kohya's `.alpha` (diffusers' convert_state_dict_to_kohya writes it as I64).
@@ -12,10 +14,23 @@ MAX_FILE_BYTES = 4 << 30
 MAX_KEY_CHARS = 512
 
 
-class TensorInfo(NamedTuple):
-    """One tensor as the header declares it (offsets are relative to the data region)."""
+# An integer no tensor's dimension or offset exceeds (a bool is not one): then products of a few stay small.
+Natural = Annotated[int, msgspec.Meta(ge=0, le=MAX_FILE_BYTES)]
+
+
+class TensorInfo(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """One tensor as the header declares it (offsets are relative to the data region). Also the schema a header's
+    entry is decoded against (canonical_header); made by hand, nothing is checked."""
 
     dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
+    # More dimensions than this are left to the general check (where its products stay cheap).
+    shape: Annotated[tuple[Natural, ...], msgspec.Meta(max_length=8)]
+    data_offsets: tuple[Natural, Natural]
+
+    @property
+    def begin(self) -> int:
+        return self.data_offsets[0]
+
+    @property
+    def end(self) -> int:
+        return self.data_offsets[1]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from omni_grpc.engine.canonical_header import canonical_header, split_metadata
+from omni_grpc.engine.canonical_header import canonical_tensors, split_metadata
 from omni_grpc.engine.memo import Memo
 from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_FILE_BYTES, MAX_KEY_CHARS, TensorInfo
 from omni_grpc.errors import InvalidArgument, PermissionDenied
@@ -204,7 +204,7 @@ class SafetensorsFile:
             metadata = split[1] if split is not None else metadata  # (split: this file's own, judged above)
             return prefix + raw, SafetensorsHeader(file, tensors, metadata, main_float)
         with paused_gc():
-            header = _check_header(file, raw, text, size, 8 + length, self._max_tensors)
+            header = _check_header(file, raw, text, split, size, 8 + length, self._max_tensors)
         if self._headers is not None and text and len(self.tensor_section) <= MEMO_HEADER_BYTES:
             # (A split-off metadata is judged at every load, never taken from here: not kept, nor its memory.)
             metadata = {} if split is not None else header.metadata
@@ -318,13 +318,25 @@ def _opened_path(fd: int, file: Path) -> str:
         return os.path.realpath(file)
 
 
-def _check_header(file: Path, raw: bytes, text: str, size: int, data_start: int, max_tensors: int) -> SafetensorsHeader:
-    """Parse and check a safetensors header (`raw`, and `text` its UTF-8 decoding, empty if it has none) against
-    the file's size. Allocates no tensor. Headers in the form safetensors writes take the fast path (see
-    canonical_header); any other gets the general judgement (parse_json says what is wrong with one not UTF-8)."""
-    checked = canonical_header(text, size - data_start, max_tensors) if text else None
-    if checked is not None:
-        return SafetensorsHeader(file, *checked)
+def _check_header(
+    file: Path,
+    raw: bytes,
+    text: str,
+    split: tuple[str, dict[str, str]] | None,
+    size: int,
+    data_start: int,
+    max_tensors: int,
+) -> SafetensorsHeader:
+    """Parse and check a safetensors header (`raw`, `text` its UTF-8 decoding, empty if it has none, and `split`
+    its split_metadata) against the file's size. Allocates no tensor. Headers in the form safetensors writes take
+    the fast path (see canonical_header); any other gets the general judgement (parse_json says what is wrong
+    with one not UTF-8)."""
+    if text:
+        section = "{" + split[0] if split is not None else text
+        checked = canonical_tensors(section, size - data_start, max_tensors)
+        if checked is not None:
+            tensors, main_float = checked
+            return SafetensorsHeader(file, tensors, split[1] if split is not None else {}, main_float)
     return _judge_header(file, parse_json(raw, f"{file}: the safetensors header"), size, data_start, max_tensors)
 
 
@@ -387,7 +399,8 @@ def _views(data: torch.Tensor, infos: Mapping[str, TensorInfo]) -> dict[str, tor
     runs: dict[tuple[str, tuple[int, ...]], list[Any]] = {}  # (dtype, shape) -> [keys, first, step, last begin]
     finished: list[tuple[tuple[str, tuple[int, ...]], list[Any]]] = []
     tensors: dict[str, torch.Tensor] = {}
-    for key, (dtype, shape, begin, end) in infos.items():
+    for key, info in infos.items():
+        dtype, shape, (begin, end) = info.dtype, info.shape, info.data_offsets
         if begin % DTYPE_SIZES[dtype]:  # a view must start on an element boundary; a copy does
             tensors[key] = data[begin:end].clone().view(_TORCH_DTYPES[dtype]).view(shape)
             continue
@@ -445,7 +458,7 @@ def _tensor_info(file: Path, key: str, info: Any) -> TensorInfo:
             and offsets[0] <= offsets[1]
             and _nbytes(shape, DTYPE_SIZES[dtype]) == offsets[1] - offsets[0]
         ):
-            return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+            return TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]))
     raise _misdescribed(file, key, info)
 
 
