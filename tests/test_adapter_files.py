@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import signal
 import struct
@@ -660,3 +661,34 @@ def test_the_reads_views_are_the_files_tensors(layout: list[tuple[str, tuple[int
         got = views[key]
         assert got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous(), key
         assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), key  # bit for bit
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=64),
+    st.sampled_from([1, 4, 4096]),  # copies of the values: more terms in the sum
+    st.floats(1.0, 1e4),
+    st.sampled_from([256.0, 1e4, adapter_files._FLOAT32_SAFE]),
+    st.floats(0.5, 2.0),  # one more value, this share of the largest the bound allows
+)
+def test_the_one_pass_magnitude_test_never_accepts_what_the_peak_refuses(
+    values: list[float], copies: int, factor: float, bound: float, share: float
+) -> None:
+    tensor = torch.tensor([*values, -share * bound / factor] * copies, dtype=torch.float32)
+    peak = adapter_files._peak(tensor)
+    if adapter_files._surely_within(tensor, factor, bound):
+        assert math.isfinite(peak) and peak * factor <= bound
+
+
+def test_an_ordinary_adapter_s_magnitudes_take_one_pass(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights far within the bound never need the peak's two passes; a value near it still gets the peak."""
+    peaks: list[torch.Tensor] = []
+    exact = adapter_files._peak
+    monkeypatch.setattr(adapter_files, "_peak", lambda tensor: peaks.append(tensor) or exact(tensor))
+    read_adapter(str(write_peft(tmp_path / "ordinary")))
+    assert peaks == []
+    near = write_peft(tmp_path / "near")
+    tensors = {key: torch.full_like(value, 1e19) for key, value in tensors_for(2).items()}
+    save_file(tensors, near / "adapter_model.safetensors")  # (squares overflow float32: no one-pass verdict)
+    adapter = read_adapter(str(near))
+    assert peaks and all(torch.equal(t, torch.full_like(t, 1e19)) for t in tensors_of(adapter).values())
