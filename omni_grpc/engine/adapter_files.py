@@ -13,7 +13,6 @@ memory is returned at once).
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import stat
@@ -121,7 +120,7 @@ class OwnPairs:
 
 
 # (layout kind, the header's tensor section, the data region's length, config, expert) -> the verdict for them.
-LayoutKey = tuple[str, str, int, str, str | None]
+LayoutKey = tuple[str, str, int, str | bytes, str | None]
 
 
 # A PEFT module as a verdict on it depends on: its name, its two tensors' dtypes and shapes, the config's
@@ -299,12 +298,12 @@ class AdapterReader:
                 field="path",
             )
 
-        config, config_stamp = read_json(config_path, MAX_CONFIG_BYTES, self.may_open)
+        config, config_stamp, config_bytes = read_json(config_path, MAX_CONFIG_BYTES, self.may_open)
         config = _lora_config(config, config_path)
         peft_config.check_config(config, config_path, self.max_rank)  # a bad config costs no tensor read
         with self._open(weights_path) as weights:
-            config_text = json.dumps(config, sort_keys=True)
-            key: LayoutKey = ("peft", weights.tensor_section, weights.data_bytes, config_text, self.expert)
+            # (The config as written: equal bytes, equal config. One written otherwise is judged once more.)
+            key: LayoutKey = ("peft", weights.tensor_section, weights.data_bytes, config_bytes, self.expert)
             scaled = self._module_config(config)  # (None: no module verdicts are kept for this config)
             fitted = self._remembered(key, str(folder))
             if fitted is None and scaled is not None:

@@ -144,18 +144,22 @@ class SafetensorsFile:
         file's bytes are never held twice); only now, after the caller judged the header."""
         file, start = self.file, len(self._prefix)
         data = torch.empty(self._size - start, dtype=torch.uint8)
-        try:
-            self._handle.seek(start)
-            got = self._handle.readinto(data.numpy().data) or 0
-            self._handle.seek(0)
-            again = self._handle.read(start)
+        fd = self._handle.fileno()
+        into, got = data.numpy().data, 0
+        try:  # (positional reads: the handle's own position and buffer are not used)
+            while got < len(into):  # (one call reads at most about 2 GiB)
+                count = os.preadv(fd, [into[got:]], start + got)
+                if not count:
+                    break
+                got += count
+            again = os.pread(fd, start, 0)
         except OSError as exc:
             raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
         if got != data.numel():
             raise InvalidArgument(
                 f"{file} is truncated: it was {self._size} bytes when opened, but only {start + got} could be read"
             )
-        if again != self._prefix or stamp_of(os.fstat(self._handle.fileno())) != self.stamp:
+        if again != self._prefix or stamp_of(os.fstat(fd)) != self.stamp:
             raise InvalidArgument(f"{file} changed while it was being read; retry once it is written")
         self._data = data
         return _views(data, self.header.tensors)
@@ -237,8 +241,8 @@ def open_safetensors(
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
 
 
-def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> tuple[Any, FileStamp]:
-    """A small JSON file, strictly parsed (see `parse_json`), refused beyond `max_bytes`; and its stamp."""
+def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> tuple[Any, FileStamp, bytes]:
+    """A small JSON file, strictly parsed (see `parse_json`), refused beyond `max_bytes`; its stamp; its bytes."""
     try:
         handle, opened = open_regular(file, may_open)
         with handle:
@@ -252,7 +256,7 @@ def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> tu
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
     if len(raw) > size:
         raise InvalidArgument(f"{file} changed while it was being read; retry once it is written")
-    return parse_json(raw, str(file)), stamp_of(opened)
+    return parse_json(raw, str(file)), stamp_of(opened), raw
 
 
 class _DuplicateKey(ValueError):
