@@ -39,7 +39,7 @@ def judged(text: str, data_len: int, max_tensors: int = 8192) -> SafetensorsHead
 
 
 def fast(text: str, data_len: int, max_tensors: int = 8192) -> SafetensorsHeader | None:
-    checked = canonical_header(text, data_len, max_tensors)
+    checked = canonical_header(text, split_metadata(text), data_len, max_tensors)
     return None if checked is None else SafetensorsHeader(FILE, *checked)
 
 

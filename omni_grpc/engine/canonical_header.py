@@ -33,17 +33,19 @@ CheckedHeader = tuple[Mapping[str, TensorInfo], Mapping[str, str], str | None]
 CheckedTensors = tuple[dict[str, TensorInfo], str | None]
 
 
-def canonical_header(text: str, data_len: int, max_tensors: int) -> CheckedHeader | None:
-    """The tensors, metadata and main float dtype of a header in the canonical form whose tensors tile a data
-    region of `data_len` bytes; None for any other header (valid or not)."""
-    split = split_metadata(text)
-    checked = canonical_tensors("{" + split[0] if split is not None else text, data_len, max_tensors)
+def canonical_header(
+    text: str, split: tuple[str, dict[str, str]] | None, data_len: int, max_tensors: int
+) -> CheckedHeader | None:
+    """The tensors, metadata and main float dtype of a header (`text`, and `split` its split_metadata) in the
+    canonical form whose tensors tile a data region of `data_len` bytes; None for any other header (valid or
+    not)."""
+    checked = _tensors("{" + split[0] if split is not None else text, data_len, max_tensors)
     if checked is None:
         return None
     return checked[0], split[1] if split is not None else {}, checked[1]
 
 
-def canonical_tensors(section: str, data_len: int, max_tensors: int) -> CheckedTensors | None:
+def _tensors(section: str, data_len: int, max_tensors: int) -> CheckedTensors | None:
     """The tensors and main float dtype of a JSON object of tensor entries only (a header without metadata, or
     its tensor section as an object) that tile a data region of `data_len` bytes; None for anything else."""
     # msgspec keeps the last of a repeated key or field, where the general check refuses the header. Each

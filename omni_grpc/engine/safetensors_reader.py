@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from omni_grpc.engine.canonical_header import canonical_tensors, split_metadata
+from omni_grpc.engine.canonical_header import canonical_header, split_metadata
 from omni_grpc.engine.memo import Memo
 from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_FILE_BYTES, MAX_KEY_CHARS, TensorInfo
 from omni_grpc.errors import InvalidArgument, PermissionDenied
@@ -335,12 +335,9 @@ def _check_header(
     its split_metadata) against the file's size. Allocates no tensor. Headers in the form safetensors writes take
     the fast path (see canonical_header); any other gets the general judgement (parse_json says what is wrong
     with one not UTF-8)."""
-    if text:
-        section = "{" + split[0] if split is not None else text
-        checked = canonical_tensors(section, size - data_start, max_tensors)
-        if checked is not None:
-            tensors, main_float = checked
-            return SafetensorsHeader(file, tensors, split[1] if split is not None else {}, main_float)
+    checked = canonical_header(text, split, size - data_start, max_tensors) if text else None
+    if checked is not None:
+        return SafetensorsHeader(file, *checked)
     return _judge_header(file, parse_json(raw, f"{file}: the safetensors header"), size, data_start, max_tensors)
 
 
