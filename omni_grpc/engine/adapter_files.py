@@ -380,9 +380,11 @@ class AdapterReader:
         judging it whole would give it. None when any module is new (or the layout anything but pairs): then it
         is judged whole."""
         memo, infos = self.memo, weights.header.tensors
+        if memo is None:
+            return None
         names = sorted(infos)
         modules = file_layouts.paired_modules(names, file_layouts.PEFT_KEY_PREFIX)
-        if memo is None or modules is None:
+        if modules is None:
             return None
         tensor = infos.__getitem__
         keys = [

@@ -30,11 +30,7 @@ class Memo(Generic[K, V]):
             return value
 
     def put(self, key: K, value: V) -> None:
-        with self._lock:
-            self._values[key] = value
-            self._values.move_to_end(key)
-            while len(self._values) > self._entries:
-                self._values.popitem(last=False)
+        self.put_all([(key, value)])
 
     def get_all(self, keys: list[K]) -> list[V | None]:
         """`get` of each key, under one lock (a layout asks for hundreds at once)."""
