@@ -58,6 +58,7 @@ WRITTEN = {
     "an empty tensor and a scalar": ({"empty": torch.zeros(0, 5), "scalar": torch.tensor(2.0)}, None),
     "a conv LoRA": ({"c.lora_down.weight": torch.zeros(4, 3, 3, 3), "c.lora_up.weight": torch.zeros(6, 4, 1, 1)}, None),
     "unicode names": ({"modül.ä.lora_A.weight": torch.zeros(2, 2)}, {"ß": "ü"}),
+    "colons in the metadata": ({"a": torch.zeros(3)}, {"ss_training_started_at": "12:30:00", "a:b": '{"c": 1}'}),
 }
 
 
@@ -97,8 +98,14 @@ ODD: dict[str, tuple[str, int]] = {
     "metadata last": (text_of({"a": entry(), "__metadata__": {"k": "v"}}), 16),
     "null metadata": (text_of({"__metadata__": None, "a": entry()}), 16),
     "spaces": (json.dumps(BASE), 32),
+    "a tensor repeated as it is": ('{"a":' + text_of(entry()) + ',"a":' + text_of(entry()) + "}", 16),
     "a repeated tensor": ('{"a":' + text_of(entry()) + ',"a":' + text_of(entry(offsets=[16, 32])) + "}", 32),
     "a repeated field": ('{"a":{"dtype":"F32","dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}', 16),
+    "a repeated field, one key spaced": (
+        '{"a":{"dtype" :"F16","dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}',
+        16,
+    ),
+    "a colon in a name": (text_of({"a:b": entry()}), 16),
     "a field repeated under an escape": (
         '{"a":{"dtype":"F16","dt\\u0079pe":"F32","shape":[2,2],"data_offsets":[0,16]}}',
         16,

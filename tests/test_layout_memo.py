@@ -10,19 +10,21 @@ import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from omni_grpc.engine import safetensors_reader
 from omni_grpc.engine.adapter_backend import LoadingBudget, PipelineFit
 from omni_grpc.engine.adapter_files import AdapterLayout, AdapterReader, AdapterWeights, LayoutMemo
 from omni_grpc.engine.adapter_math import ModuleFit
 from omni_grpc.engine.canonical_header import split_metadata
 from omni_grpc.engine.engine import Engine
 from omni_grpc.engine.memo import Memo, ModelFacts
-from omni_grpc.engine.safetensors_reader import MAX_HEADER_SEPARATORS, MEMO_HEADER_BYTES, open_safetensors
+from omni_grpc.engine.safetensors_reader import MAX_HEADER_SEPARATORS, MEMO_HEADER_BYTES, open_safetensors, view_plan
 from omni_grpc.engine.types import GenerateRequest, LoraRequest, SamplingParams
 from omni_grpc.errors import InvalidArgument
 from tests.helpers import PROMPT, started_engine
@@ -97,6 +99,24 @@ def test_the_verdict_is_kept_once_per_layout_and_config(twins: list[Path]) -> No
         for key, (a, b) in first.modules.items():
             assert torch.equal(again.modules[key][0], a) and torch.equal(again.modules[key][1], b)
     assert {s for w in remembered for s in w.scalings.values()} == {2.0, 0.5}  # 8/4 and the third's 2/4
+
+
+def test_a_tensor_section_is_planned_into_views_once(twins: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    planned: list[int] = []
+
+    def counted(infos: Any) -> safetensors_reader.ViewPlan:
+        planned.append(len(infos))
+        return view_plan(infos)
+
+    monkeypatch.setattr(safetensors_reader, "view_plan", counted)
+    memo = LayoutMemo()
+    read = [AdapterReader(memo=memo).read(str(t)) for t in twins]
+    assert len(planned) == 1 and len(memo.headers) == 1
+    for twin, adapter in zip(twins, read, strict=True):
+        want = load_file(twin / WEIGHTS)
+        for (_, module), (a, b) in adapter.modules.items():
+            assert torch.equal(a, want[f"base_model.model.{module}.lora_A.weight"])
+            assert torch.equal(b, want[f"base_model.model.{module}.lora_B.weight"])
 
 
 def with_metadata(source: Path, out: Path, metadata: dict[str, str]) -> Path:
@@ -222,6 +242,14 @@ def test_the_memo_is_bounded_and_keeps_the_most_recent() -> None:
     assert memo.get("a") == 1  # "a" is now the most recent
     memo.put("c", 3)
     assert len(memo) == 2 and memo.get("b") is None and memo.get("a") == 1 and memo.get("c") == 3
+
+
+def test_module_verdicts_used_since_the_memo_was_half_full_outlive_those_not() -> None:
+    memo: Memo[str, int] = Memo(4)
+    memo.put_all([("a", 1), ("b", 2), ("c", 3)])  # over half full
+    assert memo.get_all(["a", "x"]) == [1, None]  # "a" is now the most recent
+    memo.put_all([("d", 4), ("e", 5)])
+    assert memo.get_all(["a", "b", "c", "d", "e"]) == [1, None, 3, 4, 5]
 
 
 def test_model_facts_keep_the_first_ones_they_are_told_and_no_more() -> None:

@@ -48,10 +48,11 @@ def canonical_header(
 def _tensors(section: str, data_len: int, max_tensors: int) -> CheckedTensors | None:
     """The tensors and main float dtype of a JSON object of tensor entries only (a header without metadata, or
     its tensor section as an object) that tile a data region of `data_len` bytes; None for anything else."""
-    # msgspec keeps the last of a repeated key or field, where the general check refuses the header. Each
-    # decoded entry had all three field names, and none of them can occur unescaped inside a JSON string: so
-    # each occurs exactly once per entry iff no key or field was repeated (and no tensor takes such a name).
-    # A backslash anywhere could spell a name otherwise (an escape): such headers are left to the general check.
+    # msgspec keeps the last of a repeated key or field, where the general check refuses the header. Every key
+    # is followed by a colon, and the entries written (overwritten ones too) each had a name and three fields
+    # (unknown ones are refused): so the section's colons are at least 4 per entry decoded, and exactly that
+    # many iff no key or field was repeated and no colon is inside a string. Escapes are left to the general
+    # check altogether (a backslash could hide anything from such counts).
     if "\\" in section:
         return None
     try:
@@ -59,19 +60,13 @@ def _tensors(section: str, data_len: int, max_tensors: int) -> CheckedTensors | 
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     count = len(entries)
-    if (
-        not count
-        or count > max_tensors
-        or "__metadata__" in entries
-        or section.count('"data_offsets"') != count
-        or section.count('"dtype"') != count
-        or section.count('"shape"') != count
-    ):
+    if not count or count > max_tensors or section.count(":") != 4 * count or "__metadata__" in entries:
         return None
     dtypes: set[str] = set()
     sizes, prod, reach = DTYPE_SIZES, math.prod, 0
     for info in entries.values():
-        dtype, (begin, end) = info.dtype, info.data_offsets
+        dtype, span = info.dtype, info.data_offsets
+        begin, end = span.begin, span.end
         size = sizes.get(dtype)
         # One entry after the other from offset 0, each exactly its shape's bytes.
         if size is None or begin != reach or prod(info.shape) * size != end - begin:

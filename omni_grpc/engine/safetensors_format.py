@@ -18,6 +18,15 @@ MAX_KEY_CHARS = 512
 Natural = Annotated[int, msgspec.Meta(ge=0, le=MAX_FILE_BYTES)]
 
 
+class Span(msgspec.Struct, array_like=True, frozen=True, gc=False, forbid_unknown_fields=True):
+    """A tensor's bytes [begin, end) in the data region, as a header's `data_offsets` writes them. A struct the
+    garbage collector does not track, where a tuple of two ints is tracked: a new layout's header has hundreds,
+    and each collection they bring on walks every young object (a load is timed with them)."""
+
+    begin: Natural
+    end: Natural
+
+
 class TensorInfo(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """One tensor as the header declares it (offsets are relative to the data region). Also the schema a header's
     entry is decoded against (canonical_header); made by hand, nothing is checked."""
@@ -25,12 +34,12 @@ class TensorInfo(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=Tr
     dtype: str
     # More dimensions than this are left to the general check (where its products stay cheap).
     shape: Annotated[tuple[Natural, ...], msgspec.Meta(max_length=8)]
-    data_offsets: tuple[Natural, Natural]
+    data_offsets: Span
 
     @property
     def begin(self) -> int:
-        return self.data_offsets[0]
+        return self.data_offsets.begin
 
     @property
     def end(self) -> int:
-        return self.data_offsets[1]
+        return self.data_offsets.end

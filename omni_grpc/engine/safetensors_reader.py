@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import io
 import json
 import os
 import stat
@@ -24,7 +23,14 @@ import torch
 
 from omni_grpc.engine.canonical_header import canonical_header, split_metadata
 from omni_grpc.engine.memo import Memo
-from omni_grpc.engine.safetensors_format import DTYPE_SIZES, FLOAT_DTYPES, MAX_FILE_BYTES, MAX_KEY_CHARS, TensorInfo
+from omni_grpc.engine.safetensors_format import (
+    DTYPE_SIZES,
+    FLOAT_DTYPES,
+    MAX_FILE_BYTES,
+    MAX_KEY_CHARS,
+    Span,
+    TensorInfo,
+)
 from omni_grpc.errors import InvalidArgument, PermissionDenied
 from omni_grpc.quoting import shown
 
@@ -45,6 +51,7 @@ TENSORS_PER_LAYER = 7
 _WHY_LIMIT = f" ({TENSORS_PER_LAYER} per layer of the model an adapter can adapt, at most {MAX_TENSORS})"
 # Commas and colons in a header, counted before it is parsed: they bound how many JSON values parsing makes.
 MAX_HEADER_SEPARATORS = 200_000
+_KEY_CHARS = len('"data_offsets"')
 # Tensor sections of headers up to this many characters are remembered once checked (see HeaderMemo), and layouts
 # whose section and config together are no longer (see adapter_files.LayoutMemo); a 1,000-module adapter's is
 # ~150 KB.
@@ -82,11 +89,28 @@ class SafetensorsHeader:
     main_float: str | None
 
 
+# Tensors of one dtype and shape at equal distances in the data region: (dtype, shape, their keys in order, the
+# first one's offset, the distance between them (None for a run of one)).
+ViewRun = tuple[str, tuple[int, ...], tuple[str, ...], int, int | None]
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """How a data region becomes its tensors: a file's A of every module, its B of every module, ... each come
+    from one strided view, unbound (a small adapter has hundreds of tensors, and a view each costs more than the
+    rest of its read: 64 tensors, 86 µs a view each, 50 µs this way, measured here). Planned once per tensor
+    section (see HeaderMemo): what each load then does is a few torch calls."""
+
+    runs: tuple[ViewRun, ...]
+    # Tensors whose offset is not on an element boundary: copied (a view must start on one).
+    copies: tuple[str, ...]
+
+
 # Whether the header's metadata came first and was split off, the rest of its text (its tensor section; the whole
 # text when nothing was split off), its data region's length and the tensor limit it was checked under -> what the
 # check found (the metadata found is used only when nothing was split off: then the whole text was the same).
 HeaderKey = tuple[bool, str, int, int]
-HeaderMemo = Memo[HeaderKey, tuple[Mapping[str, TensorInfo], Mapping[str, str], str | None]]
+HeaderMemo = Memo[HeaderKey, tuple[Mapping[str, TensorInfo], Mapping[str, str], str | None, ViewPlan]]
 
 
 class SafetensorsFile:
@@ -95,6 +119,8 @@ class SafetensorsFile:
     Header and data come from one descriptor: what is loaded is what was checked, even if the path is
     replaced or deleted meanwhile, and no mmap is left pointing at a file that may change later.
     """
+
+    _plan: ViewPlan  # (set with the header)
 
     def __init__(
         self,
@@ -106,7 +132,7 @@ class SafetensorsFile:
         self.file = file
         self._max_tensors = max_tensors
         self._headers = headers
-        self._handle, opened = open_regular(file, may_open)
+        self._fd, opened = open_regular(file, may_open)
         self._data: torch.Tensor | None = None  # the data region, once read
         # The header's text without a metadata that comes first: equal sections, equal tensors (see HeaderMemo).
         self.tensor_section = ""
@@ -116,14 +142,14 @@ class SafetensorsFile:
             self.stamp = stamp_of(opened)
             self._prefix, self.header = self._read_header()
         except BaseException:
-            self._handle.close()
+            os.close(self._fd)
             raise
 
     def __enter__(self) -> SafetensorsFile:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self._handle.close()
+        os.close(self._fd)
 
     @property
     def data_bytes(self) -> int:
@@ -144,15 +170,15 @@ class SafetensorsFile:
         file's bytes are never held twice); only now, after the caller judged the header."""
         file, start = self.file, len(self._prefix)
         data = torch.empty(self._size - start, dtype=torch.uint8)
-        fd = self._handle.fileno()
+        fd = self._fd
         into, got = data.numpy().data, 0
-        try:  # (positional reads: the handle's own position and buffer are not used)
+        try:
             while got < len(into):  # (one call reads at most about 2 GiB)
                 count = os.preadv(fd, [into[got:]], start + got)
                 if not count:
                     break
                 got += count
-            again = os.pread(fd, start, 0)
+            again = read_at(fd, start, 0)
         except OSError as exc:
             raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
         if got != data.numel():
@@ -162,13 +188,13 @@ class SafetensorsFile:
         if again != self._prefix or stamp_of(os.fstat(fd)) != self.stamp:
             raise InvalidArgument(f"{file} changed while it was being read; retry once it is written")
         self._data = data
-        return _views(data, self.header.tensors)
+        return _views(data, self.header.tensors, self._plan)
 
     def _read_header(self) -> tuple[bytes, SafetensorsHeader]:
-        file, size, handle = self.file, self._size, self._handle
+        file, size, fd = self.file, self._size, self._fd
         if size > MAX_FILE_BYTES:
             raise InvalidArgument(f"{file} is {size} bytes; adapters larger than {MAX_FILE_BYTES} are refused")
-        prefix = handle.read(8)
+        prefix = read_at(fd, 8, 0)
         if len(prefix) < 8:
             raise InvalidArgument(f"{file} is not a safetensors file (shorter than its 8-byte header length)")
         length = int.from_bytes(prefix, "little")
@@ -179,18 +205,19 @@ class SafetensorsFile:
                 f"{file} is truncated: its header length says {length} bytes, so the file should be at least "
                 f"{8 + length} bytes, but it is {size}"
             )
-        raw = handle.read(length)
+        raw = read_at(fd, length, 8)
         if len(raw) != length:
             raise InvalidArgument(f"{file} is truncated: expected {length} header bytes, read {len(raw)}")
-        separators = raw.count(b",") + raw.count(b":")
+        # (Both counts below are needed only where they could exceed their limits: never in a small header.)
+        separators = raw.count(b",") + raw.count(b":") if length > MAX_HEADER_SEPARATORS else 0
         if separators > MAX_HEADER_SEPARATORS:
             raise InvalidArgument(
                 f"{file}: the safetensors header has {separators} separators; the limit is {MAX_HEADER_SEPARATORS} "
                 "(far more than any adapter's tensors need)"
             )
-        # Every tensor's entry has one "data_offsets" key, which no JSON string can hold unescaped: more than
-        # MAX_TENSORS of them is refused before the parse, whose cost grows with the entries.
-        entries = raw.count(b'"data_offsets"')
+        # Every tensor's entry has one "data_offsets" key (14 characters), which no JSON string can hold
+        # unescaped: more than MAX_TENSORS of them is refused before the parse, whose cost grows with the entries.
+        entries = raw.count(b'"data_offsets"') if length > _KEY_CHARS * self._max_tensors else 0
         if entries > self._max_tensors:
             raise InvalidArgument(f"{file} declares {entries} tensors; the limit is {self._max_tensors}{_WHY_LIMIT}")
         try:
@@ -204,15 +231,16 @@ class SafetensorsFile:
         key: HeaderKey = (split is not None, self.tensor_section, size - 8 - length, self._max_tensors)
         known = self._headers.get(key) if self._headers is not None and text else None
         if known is not None:  # this section passed every check below for a data region of this length
-            tensors, metadata, main_float = known
+            tensors, metadata, main_float, self._plan = known
             metadata = split[1] if split is not None else metadata  # (split: this file's own, judged above)
             return prefix + raw, SafetensorsHeader(file, tensors, metadata, main_float)
         with paused_gc():
             header = _check_header(file, raw, text, split, size, 8 + length, self._max_tensors)
+            self._plan = view_plan(header.tensors)
         if self._headers is not None and text and len(self.tensor_section) <= MEMO_HEADER_BYTES:
             # (A split-off metadata is judged at every load, never taken from here: not kept, nor its memory.)
             metadata = {} if split is not None else header.metadata
-            self._headers.put(key, (header.tensors, metadata, header.main_float))
+            self._headers.put(key, (header.tensors, metadata, header.main_float, self._plan))
         return prefix + raw, header
 
 
@@ -244,14 +272,16 @@ def open_safetensors(
 def read_json(file: Path, max_bytes: int, may_open: MayOpen | None = None) -> tuple[Any, FileStamp, bytes]:
     """A small JSON file, strictly parsed (see `parse_json`), refused beyond `max_bytes`; its stamp; its bytes."""
     try:
-        handle, opened = open_regular(file, may_open)
-        with handle:
+        fd, opened = open_regular(file, may_open)
+        try:
             size = opened.st_size
             if size > max_bytes:
                 raise InvalidArgument(f"{file} is {size} bytes; the limit is {max_bytes}")
             # Its size and one byte more (a buffer of the limit's size would cost more than the read): bounded
             # even if the file grows meanwhile, and a file that grew is told by the byte more.
-            raw = handle.read(size + 1)
+            raw = read_at(fd, size + 1, 0)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise InvalidArgument(f"{file} could not be read: {exc}", field="path") from exc
     if len(raw) > size:
@@ -291,9 +321,10 @@ def parse_json(raw: bytes | str, what: str) -> Any:
         raise InvalidArgument(f"{what} is not valid JSON: {shown(str(exc))}") from exc
 
 
-def open_regular(file: Path, may_open: MayOpen | None) -> tuple[io.BufferedReader, os.stat_result]:
-    """Open a regular file for reading, and what fstat said of it; a FIFO or device (which could block or never
-    end) is refused."""
+def open_regular(file: Path, may_open: MayOpen | None) -> tuple[int, os.stat_result]:
+    """Open a regular file for reading (a descriptor, read with positional reads: no buffered file object is
+    needed for a few large reads), and what fstat said of it; a FIFO or device (which could block or never end) is
+    refused."""
     # O_NONBLOCK so that opening a FIFO does not wait for a writer; it does not affect regular files.
     fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -306,12 +337,21 @@ def open_regular(file: Path, may_open: MayOpen | None) -> tuple[io.BufferedReade
         opened = os.fstat(fd)
         if not stat.S_ISREG(opened.st_mode):
             raise InvalidArgument(f"{file} is not a regular file (a directory or a device?)", field="path")
-        handle = os.fdopen(fd, "rb")
-        assert isinstance(handle, io.BufferedReader)  # what fdopen gives for "rb"
-        return handle, opened
+        return fd, opened
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_at(fd: int, count: int, offset: int) -> bytes:
+    """Up to `count` bytes from `offset` (fewer only at the end of the file)."""
+    data = os.pread(fd, count, offset)
+    if len(data) == count or not data:
+        return data
+    parts = [data]  # (a short read before the end: rare, but allowed)
+    while count > (got := sum(map(len, parts))) and (more := os.pread(fd, count - got, offset + got)):
+        parts.append(more)
+    return b"".join(parts)
 
 
 def _opened_path(fd: int, file: Path) -> str:
@@ -392,30 +432,34 @@ def _judge_header(file: Path, header: Any, size: int, data_start: int, max_tenso
     return SafetensorsHeader(file=file, tensors=tensors, metadata=metadata, main_float=main_float)
 
 
-def _views(data: torch.Tensor, infos: Mapping[str, TensorInfo]) -> dict[str, torch.Tensor]:
-    """Every tensor of a data region as a view of it. Tensors of one dtype and shape at equal distances (a LoRA
-    file's A of every module, its B of every module) come from one strided view, unbound: a small adapter has
-    hundreds of tensors, and a view each costs more than the rest of its read (64 tensors: 86 µs a view each,
-    50 µs this way, measured here)."""
+def view_plan(infos: Mapping[str, TensorInfo]) -> ViewPlan:
     runs: dict[tuple[str, tuple[int, ...]], list[Any]] = {}  # (dtype, shape) -> [keys, first, step, last begin]
-    finished: list[tuple[tuple[str, tuple[int, ...]], list[Any]]] = []
-    tensors: dict[str, torch.Tensor] = {}
+    finished: list[ViewRun] = []
+    copies: list[str] = []
     for key, info in infos.items():
-        dtype, shape, (begin, end) = info.dtype, info.shape, info.data_offsets
-        if begin % DTYPE_SIZES[dtype]:  # a view must start on an element boundary; a copy does
-            tensors[key] = data[begin:end].clone().view(_TORCH_DTYPES[dtype]).view(shape)
+        dtype, shape, begin = info.dtype, info.shape, info.data_offsets.begin
+        if begin % DTYPE_SIZES[dtype]:
+            copies.append(key)
             continue
         run = runs.get((dtype, shape))
         if run is not None:
-            keys, _, step, last = run
+            keys, first, step, last = run
             if begin > last and (step is None or begin - last == step):
                 keys.append(key)
                 run[2], run[3] = begin - last, begin
                 continue
-            finished.append(((dtype, shape), run))
+            finished.append((dtype, shape, tuple(keys), first, step))
         runs[(dtype, shape)] = [[key], begin, None, begin]
+    finished += [(dtype, shape, tuple(keys), first, step) for (dtype, shape), (keys, first, step, _) in runs.items()]
+    return ViewPlan(tuple(finished), tuple(copies))
+
+
+def _views(data: torch.Tensor, infos: Mapping[str, TensorInfo], plan: ViewPlan) -> dict[str, torch.Tensor]:
+    """Every tensor of a data region (as `infos` declare them, `plan` their view_plan): views of it, and copies
+    of the misaligned ones."""
+    tensors: dict[str, torch.Tensor] = {}
     regions: dict[str, torch.Tensor] = {}
-    for (dtype, shape), (keys, first, step, _) in (*finished, *runs.items()):
+    for dtype, shape, keys, first, step in plan.runs:
         itemsize = DTYPE_SIZES[dtype]
         region = regions.get(dtype)
         if region is None:
@@ -426,6 +470,9 @@ def _views(data: torch.Tensor, infos: Mapping[str, TensorInfo]) -> dict[str, tor
         else:
             run_view = region.as_strided((len(keys), *shape), (step // itemsize, *strides), first // itemsize)
             tensors.update(zip(keys, run_view.unbind(0), strict=True))
+    for key in plan.copies:
+        info = infos[key]
+        tensors[key] = data[info.begin : info.end].clone().view(_TORCH_DTYPES[info.dtype]).view(info.shape)
     return tensors
 
 
@@ -459,7 +506,7 @@ def _tensor_info(file: Path, key: str, info: Any) -> TensorInfo:
             and offsets[0] <= offsets[1]
             and _nbytes(shape, DTYPE_SIZES[dtype]) == offsets[1] - offsets[0]
         ):
-            return TensorInfo(dtype, tuple(shape), (offsets[0], offsets[1]))
+            return TensorInfo(dtype, tuple(shape), Span(offsets[0], offsets[1]))
     raise _misdescribed(file, key, info)
 
 
