@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from omni_grpc.engine.path_policy import real_path
+from omni_grpc.engine import adapters
+from omni_grpc.engine.adapters import normalize_path
+from omni_grpc.engine.path_policy import RealPath, real_path
 from omni_grpc.v1 import omni_pb2 as pb
 from omni_grpc.v1 import omni_pb2_grpc
 from tests.helpers import Server, rpc_error, start_gateway, start_server
@@ -335,3 +337,22 @@ def test_real_path_says_what_realpath_says(tmp_path: Path) -> None:
         assert real_path("b/f") == os.path.realpath("b/f") == str(tmp_path / "a" / "b" / "f")
     finally:
         os.chdir(previous)
+
+
+def test_a_path_resolved_once_is_not_resolved_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the path policy resolved keys the table as it is: the table resolves only paths not resolved yet, and
+    anything made from a real path is a path to resolve again."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    real = real_path(str(tmp_path / "link"))
+    assert type(real) is RealPath and real == str(tmp_path / "a")
+    asked: list[str] = []
+
+    def counted(path: str) -> RealPath:
+        asked.append(path)
+        return real_path(path)
+
+    monkeypatch.setattr(adapters, "real_path", counted)
+    assert normalize_path(real) is real and asked == []
+    assert normalize_path(str(tmp_path / "link")) == real and len(asked) == 1
+    assert type(real + "/x") is str and type(os.path.join(real, "x")) is str and type(real[:-1]) is str

@@ -245,6 +245,10 @@ class AdapterReader:
 
     def _read(self, path: str) -> AdapterWeights:
         p = Path(path)
+        # A PEFT folder's config first: the common case, answered in one stat (a file's "config" is no file).
+        config_mode = _mode(p / PEFT_CONFIG)
+        if _is_file(config_mode):
+            return self._read_peft_folder(p, config_mode)
         mode = _mode(p)
         if mode is None:
             raise NotFound(
@@ -253,7 +257,6 @@ class AdapterReader:
                 field="path",
             )
         if stat.S_ISDIR(mode):
-            config_mode = _mode(p / PEFT_CONFIG)
             if config_mode is None and _is_file(_mode(p / DIFFUSERS_WEIGHTS)):
                 return self._read_file(p / DIFFUSERS_WEIGHTS, str(p))
             return self._read_peft_folder(p, config_mode)
@@ -276,32 +279,17 @@ class AdapterReader:
     def _read_peft_folder(self, folder: Path, config_mode: int | None) -> AdapterWeights:
         config_path = folder / PEFT_CONFIG
         weights_path = folder / PEFT_WEIGHTS
-        weights_mode = _mode(weights_path)
-        if not _is_file(weights_mode):
-            pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (folder / name).exists()]
-            if pickled:
-                raise InvalidArgument(
-                    f"adapter folder {shown(str(folder))} has {pickled[0]} but no {PEFT_WEIGHTS}: pickled weights are "
-                    "refused because unpickling can run arbitrary code; save the adapter with "
-                    "safe_serialization=True",
-                    field="path",
-                )
-        modes = ((config_path, config_mode), (weights_path, weights_mode))
-        for p, mode in modes:
-            if mode is not None and not _is_file(mode):
-                raise InvalidArgument(f"{p} is not a regular file (a directory or a device?)", field="path")
-        missing = [p.name for p, mode in modes if mode is None]
-        if missing:
-            raise InvalidArgument(
-                f"adapter folder {shown(str(folder))} is missing {' and '.join(missing)}; a PEFT adapter folder holds "
-                f"{PEFT_CONFIG} and {PEFT_WEIGHTS}",
-                field="path",
-            )
-
+        if not _is_file(config_mode):
+            _refuse_folder(folder, config_mode)  # (raises: the config is missing or no regular file)
         config, config_stamp, config_bytes = read_json(config_path, MAX_CONFIG_BYTES, self.may_open)
         config = _lora_config(config, config_path)
         peft_config.check_config(config, config_path, self.max_rank)  # a bad config costs no tensor read
-        with self._open(weights_path) as weights:
+        try:  # (the weights file is opened as it is, and only looked at when that fails: one stat less a load)
+            weights = self._open(weights_path)
+        except InvalidArgument:
+            _refuse_folder(folder, config_mode)  # what is wrong with the folder, where that is what failed
+            raise
+        with weights:
             # (The config as written: equal bytes, equal config. One written otherwise is judged once more.)
             key: LayoutKey = ("peft", weights.tensor_section, weights.data_bytes, config_bytes, self.expert)
             scaled = self._module_config(config)  # (None: no module verdicts are kept for this config)
@@ -646,6 +634,33 @@ def _is_file(mode: int | None) -> bool:
     return mode is not None and stat.S_ISREG(mode)
 
 
+def _refuse_folder(folder: Path, config_mode: int | None) -> None:
+    """Raise what is wrong with a PEFT folder (its config's mode given) whose files are not both regular files:
+    weights only pickled, a file that is no regular file, a file missing. Returns if nothing is (the caller's
+    error stands)."""
+    config_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    weights_mode = _mode(weights_path)
+    if not _is_file(weights_mode):
+        pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if (folder / name).exists()]
+        if pickled:
+            raise InvalidArgument(
+                f"adapter folder {shown(str(folder))} has {pickled[0]} but no {PEFT_WEIGHTS}: pickled weights are "
+                "refused because unpickling can run arbitrary code; save the adapter with safe_serialization=True",
+                field="path",
+            )
+    modes = ((config_path, config_mode), (weights_path, weights_mode))
+    for p, mode in modes:
+        if mode is not None and not _is_file(mode):
+            raise InvalidArgument(f"{p} is not a regular file (a directory or a device?)", field="path")
+    missing = [p.name for p, mode in modes if mode is None]
+    if missing:
+        raise InvalidArgument(
+            f"adapter folder {shown(str(folder))} is missing {' and '.join(missing)}; a PEFT adapter folder holds "
+            f"{PEFT_CONFIG} and {PEFT_WEIGHTS}",
+            field="path",
+        )
+
+
 # sqrt of float32's largest value: the default bound on |weight| x scaling when no model says otherwise.
 _FLOAT32_SAFE = math.sqrt(float(torch.finfo(torch.float32).max))
 
@@ -827,9 +842,9 @@ def _surely_within(values: torch.Tensor, factor: float, bound: float) -> bool:
     """A sufficient test of `_within` in one pass over host float32 values (the peak takes two): the largest
     |value| is at most the root of the sum of squares, which one BLAS dot computes. A NaN, an Inf or an overflow
     fails it, as do sums near the bound (with a margin for the dot's rounding): `_within` then takes the peak."""
-    if values.dtype is not torch.float32 or values.device.type != "cpu" or not 0 < values.numel() <= _SQUARES_MAX:
+    if values.dtype is not torch.float32 or not values.is_cpu or not 0 < values.numel() <= _SQUARES_MAX:
         return False
-    flat = values.reshape(-1).numpy()
+    flat = (values if values.dim() == 1 else values.reshape(-1)).numpy()
     with numpy.errstate(over="ignore", invalid="ignore"):  # (an overflow is an Inf: it fails below)
         squares = float(flat.dot(flat))
     # max^2 <= true sum <= squares / (1 - 1/4); half of bound^2 leaves room for that and any rounding here.

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from omni_grpc.engine.path_policy import check_path_text, real_path
+from omni_grpc.engine.path_policy import RealPath, check_path_text, real_path
 from omni_grpc.engine.safetensors_reader import FileStamp, current_stamp
 from omni_grpc.engine.types import AdapterFormat, AdapterInfo, LoraRequest
 from omni_grpc.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
@@ -51,8 +51,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 def normalize_path(path: str) -> str:
-    """The canonical form of an adapter path: absolute, symlinks resolved, no trailing slash."""
-    return real_path(os.path.expanduser(path))
+    """The canonical form of an adapter path: absolute, symlinks resolved, no trailing slash (a RealPath is)."""
+    return path if type(path) is RealPath else real_path(os.path.expanduser(path))
 
 
 def derive_adapter_id(path: str, expert: str = "") -> int:
@@ -694,7 +694,7 @@ class AdapterTable:
             return name
         norm, expert = key
         base = os.path.basename(norm)
-        base = base.removesuffix(".safetensors") if os.path.isfile(norm) else base
+        base = base.removesuffix(".safetensors")  # (a file's suffix; a folder so named is named alike)
         base = f"{base}.{expert}" if expert else base
         candidate = base if NAME_PATTERN.match(base) else f"lora-{adapter_id:x}"
         # A default name never fails a load: two folders both called "lora" get distinct names.

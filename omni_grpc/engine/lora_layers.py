@@ -31,11 +31,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import msgspec
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omni_grpc.engine.adapter_math import Kron
+
+# A Conv2d's (stride, padding, dilation): how its lora_A convolves.
+Conv = tuple[Any, Any, Any]
 
 
 class KronFactors(NamedTuple):
@@ -70,16 +74,17 @@ class KronFactors(NamedTuple):
         return sum(t.nbytes for t in self if t is not None)
 
 
-@dataclass
-class ModuleLora:
-    """One adapted module of one adapter."""
+class ModuleLora(msgspec.Struct, gc=False):
+    """One adapted module of one adapter. A struct the garbage collector does not track (it holds tensors and
+    numbers, never a cycle): a load makes one per module, and every tracked object a load keeps brings the next
+    collection nearer, within some load."""
 
     a: torch.Tensor
     b: torch.Tensor
     # alpha / r (or alpha / sqrt(r) with rsLoRA), as peft computes it for this module.
     scaling: float
     # Conv2d geometry of lora_A (it convolves like the base layer); None for Linear.
-    conv: tuple[Any, Any, Any] | None = None
+    conv: Conv | None = None
     # A LoKr's factors, where applying them beats its exact pair (a, b): what a batch all of it runs with uses.
     kron: KronFactors | None = None
 
@@ -142,7 +147,7 @@ class LoraStack:
     # Linear: A^T (rows, in, R), B^T (rows, R, out). Conv2d: A (rows x R, in, kh, kw), B (rows x out, R, 1, 1).
     a: torch.Tensor
     b: torch.Tensor
-    conv: tuple[Any, Any, Any] | None
+    conv: Conv | None
 
     @classmethod
     def of(cls, rows: Sequence[Sequence[tuple[ModuleLora, float]]]) -> LoraStack:
@@ -227,6 +232,11 @@ class BatchPlan:
         return LoraStack.of([per_sample[row % n] for row in range(batch)])
 
 
+def _conv_geometry(module: nn.Module) -> Conv | None:
+    """How a Conv2d convolves (its lora_A convolves alike); None for a Linear."""
+    return (module.stride, module.padding, module.dilation) if isinstance(module, nn.Conv2d) else None
+
+
 class MultiLora:
     """The adapters attached to one module tree (a denoiser, a text encoder), by internal (per-load unique)
     key."""
@@ -243,6 +253,8 @@ class MultiLora:
         self._slots: dict[str, AdapterSlot] = {}
         self._hooked: set[str] = set()
         self._plan: BatchPlan | None = None
+        # Each adapted module's Conv2d geometry (None: a Linear), once asked: asked for every module of every load.
+        self._convs: dict[str, Conv | None] = {}
 
     # ---- reading (any thread) -------------------------------------------------------------------
 
@@ -257,10 +269,12 @@ class MultiLora:
         """Module -> (A, B, scaling), checked to fit, as tensors in the model's dtype on the model's device; and
         for LoKr modules of Linear layers their factors (w1, down, up), applied in their place where they can."""
         modules: dict[str, ModuleLora] = {}
-        placed = self._placed
+        placed, convs = self._placed, self._convs
         for name, (a, b, scaling) in pairs.items():
-            base = self._modules[name]
-            conv = (base.stride, base.padding, base.dilation) if isinstance(base, nn.Conv2d) else None
+            try:
+                conv = convs[name]
+            except KeyError:
+                conv = convs[name] = _conv_geometry(self._modules[name])
             factors = krons.get(name) if krons else None
             kron = None
             if factors is not None and conv is None:

@@ -193,12 +193,15 @@ class LoraSet:
         """The adapter's pairs, checked to fit, in the model's dtype on its device, per part."""
         pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         krons: dict[str, dict[str, adapter_math.Kron]] = {}
-        scalings, kron_of = weights.scalings, weights.kron
+        scalings, kron_of, names = weights.scalings, weights.kron, self._names
         for key, (a, b) in weights.modules.items():
             component = key[0]
-            name = self._resolve(*key)
+            name = names.get(key) or self._resolve(*key)  # (check_layout resolved it: known, unless the facts are full)
             assert name is not None  # check_layout judged every target
-            pairs.setdefault(component, {})[name] = (a, b, scalings[key])
+            part = pairs.get(component)
+            if part is None:
+                part = pairs[component] = {}
+            part[name] = (a, b, scalings[key])
             kron = kron_of.get(key) if kron_of else None
             if kron is not None:
                 krons.setdefault(component, {})[name] = kron

@@ -33,12 +33,15 @@ class Memo(Generic[K, V]):
         self.put_all([(key, value)])
 
     def get_all(self, keys: list[K]) -> list[V | None]:
-        """`get` of each key, under one lock (a layout asks for hundreds at once)."""
+        """`get` of each key, under one lock (a layout asks for hundreds at once). Their use is recorded only once
+        the memo is half full: until it is full nothing is forgotten, and a key used since then is kept longer
+        than one not (the order of those not used since matters little)."""
         with self._lock:
             values = list(map(self._values.get, keys))
-            for key, value in zip(keys, values, strict=True):
-                if value is not None:
-                    self._values.move_to_end(key)
+            if 2 * len(self._values) > self._entries:
+                for key, value in zip(keys, values, strict=True):
+                    if value is not None:
+                        self._values.move_to_end(key)
             return values
 
     def put_all(self, items: list[tuple[K, V]]) -> None:

@@ -21,23 +21,31 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "pytorch_lo
 MAX_PATH_CHARS = 4096
 
 
-def real_path(path: str) -> str:
+class RealPath(str):
+    """A path `real_path` gave: absolute, symlinks resolved. What the engine resolved once (to check it against
+    --lora-dirs) keys the adapter table as it is, not resolved again (a kernel round trip per load and request).
+    Anything made from it (joined, sliced) is a plain str again."""
+
+    __slots__ = ()
+
+
+def real_path(path: str) -> RealPath:
     """`os.path.realpath(path)`, asked of the kernel where it can answer (an O_PATH open and a readlink of it,
     where realpath lstats every component in Python: several times slower, and asked at every load)."""
     if _O_PATH is None:
-        return os.path.realpath(path)
+        return RealPath(os.path.realpath(path))
     try:
         fd = os.open(path, _O_PATH | os.O_CLOEXEC)
     except (OSError, ValueError):  # nothing there (realpath still says where it would be), or a NUL byte
-        return os.path.realpath(path)
+        return RealPath(os.path.realpath(path))
     try:
         real = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:  # no /proc
-        return os.path.realpath(path)
+        return RealPath(os.path.realpath(path))
     finally:
         os.close(fd)
     # (A file deleted meanwhile reads "... (deleted)"; anything not absolute is no path here.)
-    return real if real.startswith("/") and not real.endswith(" (deleted)") else os.path.realpath(path)
+    return RealPath(real if real.startswith("/") and not real.endswith(" (deleted)") else os.path.realpath(path))
 
 
 _O_PATH: int | None = getattr(os, "O_PATH", None)
@@ -66,7 +74,7 @@ class PathPolicy:
         """An operator's adapter (--lora-path): clients may name it by path too."""
         self._operator_paths.add(real_path)
 
-    def resolve(self, path: str) -> str:
+    def resolve(self, path: str) -> RealPath:
         """The real path `path` names, if a client may load it; raises otherwise, opening nothing.
 
         Relative paths are taken relative to each root in turn (the first where the path exists wins).
