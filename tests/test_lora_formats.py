@@ -372,6 +372,32 @@ def test_dora_and_other_lycoris_kinds_are_refused_naming_the_feature_and_key(
     assert "(a fixed scale that overrides alpha) is not supported" in refused(sd15, scale, tmp_path, FailedPrecondition)
 
 
+@pytest.mark.parametrize("kohya", [False, True])
+def test_a_module_named_with_and_without_text_model_is_refused(
+    sd15: Engine, sd15_pipe: Any, tmp_path: Path, kohya: bool
+) -> None:
+    """transformers 5 names CLIP's modules without `text_model.`, and files may name them with it: one file that
+    names one encoder module both ways would adapt it twice, and is refused naming both, never half applied."""
+    module = "encoder.layers.0.self_attn.q_proj"
+    assert not hasattr(sd15_pipe.text_encoder, "text_model")  # (the premise: this encoder's modules lack it)
+    layer = sd15_pipe.text_encoder.get_submodule(module)
+    g = torch.Generator().manual_seed(0)
+    names = [f"text_model.{module}", module]
+    if kohya:
+        tensors = flatten({kohya_name("lora_te", name): lora_parts(layer, 4, 4.0, g) for name in names})
+    else:
+        tensors = {
+            f"text_encoder.{name}.lora_{role}.weight": torch.randn(shape, generator=g)
+            for name in names
+            for role, shape in (("A", (4, layer.in_features)), ("B", (layer.out_features, 4)))
+        }
+    message = refused(sd15, tensors, tmp_path, InvalidArgument)
+    if kohya:  # (Kohya names are turned into the model's own as the layout is read: refused there)
+        assert f"adapts text_encoder '{module}', which another module of the file adapts already" in message
+    else:
+        assert f"adapts text_encoder module '{module}' twice, as '{module}' and as 'text_model.{module}'" in message
+
+
 def test_unknown_keys_name_the_first_key_and_the_formats_tried(sd15: Engine, tmp_path: Path) -> None:
     tensors = {"model.diffusion_model.input_blocks.1.1.proj_in.weight": torch.zeros(4, 4), "zzz": torch.zeros(1)}
     message = refused(sd15, tensors, tmp_path, InvalidArgument)

@@ -26,7 +26,7 @@ from omni_grpc.engine.kohya_names import KohyaTable, Target
 from omni_grpc.engine.lora_layers import AdapterSlot, BatchPlan, MultiLora
 from omni_grpc.engine.memo import ModelFacts
 from omni_grpc.engine.safetensors_reader import MAX_TENSORS, TENSORS_PER_LAYER
-from omni_grpc.errors import FailedPrecondition
+from omni_grpc.errors import FailedPrecondition, InvalidArgument
 from omni_grpc.quoting import shown
 
 # Component -> that part's slot of one adapter.
@@ -201,6 +201,8 @@ class LoraSet:
             part = pairs.get(component)
             if part is None:
                 part = pairs[component] = {}
+            elif name in part:  # (two names of the file, one module of the model: never half applied)
+                raise self._adapted_twice(weights, key, name)
             part[name] = (a, b, scalings[key])
             kron = kron_of.get(key) if kron_of else None
             if kron is not None:
@@ -208,6 +210,15 @@ class LoraSet:
         return {
             component: self._parts[component].make_slot(part, krons.get(component)) for component, part in pairs.items()
         }
+
+    def _adapted_twice(self, weights: AdapterWeights, key: tuple[str, str], name: str) -> InvalidArgument:
+        component, module = key
+        other = next(m for (c, m) in weights.modules if c == component and m != module and self._resolve(c, m) == name)
+        one, two = sorted((other, module))
+        return InvalidArgument(
+            f"adapter {shown(weights.path)} adapts {component} module {shown(name)} twice, as {shown(one)} and as "
+            f"{shown(two)}: this model names its modules without {shown(_TEXT_MODEL)}, so both are that one module"
+        )
 
     def needs_hooks(self, slots: AdapterSlots) -> bool:
         return any(self._parts[component].needs_hooks(slot) for component, slot in slots.items())
