@@ -301,6 +301,15 @@ def test_declared_bytes_over_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert f"declares 4000000 bytes of tensor data; adapters larger than {len(blob)} are refused" in message
 
 
+def test_a_folder_named_like_a_file_is_read_as_a_folder(tmp_path: Path) -> None:
+    folder = write_peft(tmp_path / "odd.safetensors")
+    assert (
+        tensors_of(read_adapter(str(folder))).keys() == tensors_of(read_adapter(str(write_peft(tmp_path / "b")))).keys()
+    )
+    (folder / "adapter_config.json").unlink()
+    assert "is missing adapter_config.json" in refused(folder)
+
+
 def test_short_reads_are_read_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read may return fewer bytes than asked before the end of a file (signals, some filesystems): the
     reader reads on, and loads what a whole read loads."""

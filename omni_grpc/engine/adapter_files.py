@@ -245,8 +245,9 @@ class AdapterReader:
 
     def _read(self, path: str) -> AdapterWeights:
         p = Path(path)
-        # A PEFT folder's config first: the common case, answered in one stat (a file's "config" is no file).
-        config_mode = _mode(p / PEFT_CONFIG)
+        # A folder's config first: a PEFT folder, the common case, is answered in one stat. (A path named like
+        # a file is stat'ed itself first, for the same reason.)
+        config_mode = _mode(p / PEFT_CONFIG) if p.suffix != ".safetensors" else None
         if _is_file(config_mode):
             return self._read_peft_folder(p, config_mode)
         mode = _mode(p)
@@ -257,6 +258,8 @@ class AdapterReader:
                 field="path",
             )
         if stat.S_ISDIR(mode):
+            if p.suffix == ".safetensors":  # (a folder named like a file)
+                config_mode = _mode(p / PEFT_CONFIG)
             if config_mode is None and _is_file(_mode(p / DIFFUSERS_WEIGHTS)):
                 return self._read_file(p / DIFFUSERS_WEIGHTS, str(p))
             return self._read_peft_folder(p, config_mode)

@@ -348,9 +348,10 @@ def read_at(fd: int, count: int, offset: int) -> bytes:
     data = os.pread(fd, count, offset)
     if len(data) == count or not data:
         return data
-    parts = [data]  # (a short read before the end: rare, but allowed)
-    while count > (got := sum(map(len, parts))) and (more := os.pread(fd, count - got, offset + got)):
+    parts, got = [data], len(data)  # (a short read before the end: rare, but allowed)
+    while got < count and (more := os.pread(fd, count - got, offset + got)):
         parts.append(more)
+        got += len(more)
     return b"".join(parts)
 
 
