@@ -140,7 +140,7 @@ class LoraSet:
                     f"adapter {shown(path)} does not fit the base model: module {shown(source.name)} adapts "
                     f"{target.component}, which this model does not have (it has {', '.join(self._parts)})"
                 )
-            module_name = self._resolve(target.component, target.module)
+            module_name = self._resolve((target.component, target.module))
             module = part.module(module_name) if module_name is not None else None
             if module is None:
                 raise FailedPrecondition(
@@ -170,13 +170,14 @@ class LoraSet:
             offset += shape[0]
         return (offset, *first[1:])
 
-    def _resolve(self, component: str, module: str) -> str | None:
-        """The model's name of a module a file names (None: the model has no such module)."""
-        known = self._names.get((component, module))
+    def _resolve(self, key: tuple[str, str]) -> str | None:
+        """The model's name of a module a file names, (component, module) (None: the model has no such module).
+        Asked for every module of every load: the key is the caller's own tuple, not a new one."""
+        known = self._names.get(key)
         if known is None:
-            known = self._find_name(component, module)
+            known = self._find_name(*key)
             if known is not None:
-                self._names.put((component, module), known)
+                self._names.put(key, known)
         return known
 
     def _find_name(self, component: str, module: str) -> str | None:
@@ -193,10 +194,10 @@ class LoraSet:
         """The adapter's pairs, checked to fit, in the model's dtype on its device, per part."""
         pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}
         krons: dict[str, dict[str, adapter_math.Kron]] = {}
-        scalings, kron_of, names = weights.scalings, weights.kron, self._names
+        scalings, kron_of = weights.scalings, weights.kron
         for key, (a, b) in weights.modules.items():
             component = key[0]
-            name = names.get(key) or self._resolve(*key)  # (check_layout resolved it: known, unless the facts are full)
+            name = self._resolve(key)
             assert name is not None  # check_layout judged every target
             part = pairs.get(component)
             if part is None:
@@ -213,7 +214,8 @@ class LoraSet:
 
     def _adapted_twice(self, weights: AdapterWeights, key: tuple[str, str], name: str) -> InvalidArgument:
         component, module = key
-        other = next(m for (c, m) in weights.modules if c == component and m != module and self._resolve(c, m) == name)
+        others = (m for c, m in weights.modules if c == component and m != module and self._resolve((c, m)) == name)
+        other = next(others)  # (the one already taken: make_slots refuses at the first name taken twice)
         one, two = sorted((other, module))
         return InvalidArgument(
             f"adapter {shown(weights.path)} adapts {component} module {shown(name)} twice, as {shown(one)} and as "
